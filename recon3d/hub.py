@@ -1,0 +1,185 @@
+"""Checkpoints from the Hugging Face Hub or a local folder, loaded strictly.
+
+A checkpoint is a folder (or Hub repo) with ``config.json`` and ``model.safetensors`` (or ``pytorch_model.bin``).
+Every failure is a :class:`CheckpointError` whose message names the checkpoint and says what to do.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from dataclasses import dataclass, field
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be found, downloaded or loaded; the message is for the user."""
+
+
+@dataclass
+class CheckpointFiles:
+    source: str  # what the user asked for
+    config: dict
+    weights: Path
+    revision: str | None = None
+
+
+def hub_reachable(timeout: float = 2.0) -> bool:
+    """One quick probe of the Hub endpoint, so callers decide once instead of paying retries per file."""
+    from huggingface_hub import constants
+
+    url = urlparse(constants.ENDPOINT)
+    try:
+        with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+def resolve_checkpoint(repo_or_folder: str | Path, revision: str | None = None, offline: bool | None = None) -> CheckpointFiles:
+    """A local folder, or a Hub repo id (downloaded once into the Hub cache), -> its config and weight file.
+
+    ``offline=None`` follows HF_HUB_OFFLINE; ``True`` uses the cache only.
+    """
+    folder = Path(repo_or_folder).expanduser()
+    if folder.is_dir():
+        return _from_folder(folder, str(repo_or_folder))
+    if folder.exists() or str(repo_or_folder).count("/") != 1:
+        raise CheckpointError(f"{repo_or_folder!r} is neither a checkpoint folder nor a Hub repo id (owner/name)")
+    return _from_hub(str(repo_or_folder), revision, offline)
+
+
+def _from_folder(folder: Path, source: str) -> CheckpointFiles:
+    config_path = folder / "config.json"
+    weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
+    if not config_path.is_file() or weights is None:
+        raise CheckpointError(f"{source}: a checkpoint folder needs config.json and one of {', '.join(WEIGHT_FILES)}")
+    return CheckpointFiles(source, _read_config(config_path, source), weights)
+
+
+def _read_config(path: Path, source: str) -> dict:
+    try:
+        config = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckpointError(f"{source}: config.json is not valid JSON ({exc})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{source}: config.json must hold a JSON object")
+    return config
+
+
+def _from_hub(repo_id: str, revision: str | None, offline: bool | None) -> CheckpointFiles:
+    from huggingface_hub import constants
+
+    local_only = constants.HF_HUB_OFFLINE if offline is None else offline
+    config_path = _download(repo_id, "config.json", revision, local_only)
+    weights = None
+    for name in WEIGHT_FILES:
+        try:
+            weights = _download(repo_id, name, revision, local_only)
+            break
+        except _MissingFile:
+            continue
+    if weights is None:
+        where = "in the local cache" if local_only else "in the repo"
+        raise CheckpointError(f"{repo_id}: none of {', '.join(WEIGHT_FILES)} {where}")
+    return CheckpointFiles(repo_id, _read_config(config_path, repo_id), weights, revision)
+
+
+class _MissingFile(Exception):
+    pass
+
+
+def _download(repo_id: str, filename: str, revision: str | None, local_only: bool) -> Path:
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    at = f"{repo_id}@{revision}" if revision else repo_id
+    try:
+        return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=local_only))
+    except EntryNotFoundError:
+        raise _MissingFile(filename) from None
+    except GatedRepoError:
+        raise CheckpointError(f"{at}: the repo is gated; accept its terms on the Hub and log in (hf auth login)") from None
+    except RevisionNotFoundError:
+        raise CheckpointError(f"{at}: no such revision on the Hub") from None
+    except RepositoryNotFoundError:
+        raise CheckpointError(f"{at}: no such repo on the Hub (or it is private)") from None
+    except LocalEntryNotFoundError:
+        if local_only and filename in WEIGHT_FILES:
+            raise _MissingFile(filename) from None  # the other weight format may be cached
+        how = "offline mode is on" if local_only else "the Hub is unreachable"
+        raise CheckpointError(f"{at} is not in the local cache and {how}: download it where the Hub is reachable "
+                              f"(hf download {repo_id}) and copy the cache, or pass the checkpoint folder") from None
+
+
+@dataclass
+class LoadReport:
+    missing: list[str] = field(default_factory=list)
+    unexpected: list[str] = field(default_factory=list)
+    mismatched: list[tuple[str, tuple, tuple]] = field(default_factory=list)  # name, expected, found
+
+    @property
+    def ok(self) -> bool:
+        return not (self.missing or self.unexpected or self.mismatched)
+
+    def summary(self, limit: int = 5) -> str:
+        parts = []
+        for title, items in (("missing", self.missing), ("unexpected", self.unexpected)):
+            if items:
+                parts.append(f"{len(items)} {title} ({', '.join(items[:limit])}{', ...' if len(items) > limit else ''})")
+        if self.mismatched:
+            shown = ", ".join(f"{n}: expected {list(e)}, found {list(f)}" for n, e, f in self.mismatched[:limit])
+            parts.append(f"{len(self.mismatched)} with the wrong shape ({shown}{', ...' if len(self.mismatched) > limit else ''})")
+        return "; ".join(parts)
+
+
+def compare_state_dict(expected: dict[str, tuple], found: dict[str, torch.Tensor]) -> LoadReport:
+    """What differs between a model's expected tensor shapes and a checkpoint's tensors."""
+    report = LoadReport()
+    report.missing = sorted(set(expected) - set(found))
+    report.unexpected = sorted(set(found) - set(expected))
+    for name in sorted(set(expected) & set(found)):
+        if tuple(found[name].shape) != tuple(expected[name]):
+            report.mismatched.append((name, tuple(expected[name]), tuple(found[name].shape)))
+    return report
+
+
+def read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """Tensors of a safetensors or (weights-only) PyTorch file, on CPU."""
+    try:
+        if path.suffix == ".safetensors":
+            from safetensors.torch import load_file
+
+            return load_file(str(path), device="cpu")
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as exc:
+        raise CheckpointError(f"{path}: cannot read the weights ({type(exc).__name__}: {exc})") from None
+
+
+def load_strict(model: torch.nn.Module, state_dict: dict[str, torch.Tensor], source: str) -> None:
+    """Load every tensor or refuse: a short report lists missing, unexpected and mis-shaped tensors.
+
+    The model may live on the meta device; its parameters are then replaced by the checkpoint's tensors.
+    """
+    expected = {name: tuple(t.shape) for name, t in model.state_dict().items()}
+    report = compare_state_dict(expected, state_dict)
+    if not report.ok:
+        raise CheckpointError(f"{source}: the weights do not match the model: {report.summary()}")
+    model.load_state_dict(state_dict, strict=True, assign=True)
+
+
+def save_checkpoint(folder: str | Path, config: dict, state_dict: dict[str, torch.Tensor]) -> Path:
+    """Write a checkpoint in Hub layout: config.json + model.safetensors."""
+    from safetensors.torch import save_file
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(folder / "model.safetensors"))
+    return folder

@@ -1,0 +1,124 @@
+"""DINOv2 ViT with register tokens: the image encoder of OpenLRM v1.1.
+
+Parameter names follow the published checkpoints (``cls_token``, ``pos_embed``, ``register_tokens``,
+``patch_embed.proj``, ``blocks.i.{norm1,attn,ls1,norm2,mlp,ls2}``, ``norm``).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+
+@dataclass(frozen=True)
+class ViTSpec:
+    depth: int
+    heads: int
+    patch: int = 14
+    registers: int = 4
+    pos_grid: int = 37  # position embedding grid (518 px / 14)
+
+
+# Width comes from the checkpoint's encoder_feat_dim. "tiny" exists for tests and random-weight demos only.
+VIT_SPECS = {
+    "dinov2_vits14_reg": ViTSpec(depth=12, heads=6),
+    "dinov2_vitb14_reg": ViTSpec(depth=12, heads=12),
+    "dinov2_vitl14_reg": ViTSpec(depth=24, heads=16),
+    "tiny_vit14_reg": ViTSpec(depth=2, heads=2),
+}
+
+
+class PatchEmbed(nn.Module):
+    def __init__(self, patch: int, dim: int):
+        super().__init__()
+        self.proj = nn.Conv2d(3, dim, patch, stride=patch)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(images).flatten(2).transpose(1, 2)  # (N, h*w, D)
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim, bias=True)
+        self.proj = nn.Linear(dim, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        n, length, dim = x.shape
+        q, k, v = self.qkv(x).reshape(n, length, 3, self.heads, dim // self.heads).permute(2, 0, 3, 1, 4)
+        out = F.scaled_dot_product_attention(q, k, v)  # (N, heads, L, head_dim)
+        return self.proj(out.transpose(1, 2).reshape(n, length, dim))
+
+
+class LayerScale(nn.Module):
+    def __init__(self, dim: int):
+        super().__init__()
+        self.gamma = nn.Parameter(torch.full((dim,), 1e-5))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x * self.gamma
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int):
+        super().__init__()
+        self.fc1, self.fc2 = nn.Linear(dim, hidden), nn.Linear(hidden, dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(F.gelu(self.fc1(x)))
+
+
+class Block(nn.Module):
+    def __init__(self, dim: int, heads: int):
+        super().__init__()
+        self.norm1, self.attn, self.ls1 = nn.LayerNorm(dim, eps=1e-6), Attention(dim, heads), LayerScale(dim)
+        self.norm2, self.mlp, self.ls2 = nn.LayerNorm(dim, eps=1e-6), Mlp(dim, 4 * dim), LayerScale(dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x + self.ls1(self.attn(self.norm1(x)))
+        return x + self.ls2(self.mlp(self.norm2(x)))
+
+
+class DinoV2(nn.Module):
+    """images (N, 3, H, W) in [0, 1], H and W multiples of the patch -> tokens (N, 1 + h*w, D): CLS + patches."""
+
+    def __init__(self, spec: ViTSpec, dim: int):
+        super().__init__()
+        self.spec = spec
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, dim))
+        self.pos_embed = nn.Parameter(torch.zeros(1, 1 + spec.pos_grid ** 2, dim))
+        self.register_tokens = nn.Parameter(torch.zeros(1, spec.registers, dim))
+        self.patch_embed = PatchEmbed(spec.patch, dim)
+        self.blocks = nn.ModuleList(Block(dim, spec.heads) for _ in range(spec.depth))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+
+    def position_embedding(self, grid_h: int, grid_w: int) -> torch.Tensor:
+        """(1, 1 + h*w, D): the CLS embedding and the patch grid resized by antialiased bicubic scaling."""
+        g = self.spec.pos_grid
+        if (grid_h, grid_w) == (g, g):
+            return self.pos_embed
+        dtype = self.pos_embed.dtype
+        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:].float()
+        grid = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+        grid = F.interpolate(grid, scale_factor=(grid_h / g, grid_w / g), mode="bicubic", antialias=True)
+        if grid.shape[-2:] != (grid_h, grid_w):
+            raise ValueError(f"position grid {tuple(grid.shape[-2:])} != patch grid {(grid_h, grid_w)}")
+        return torch.cat([cls_pos, grid.flatten(2).transpose(1, 2).to(dtype)], 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        n, _, height, width = images.shape
+        patch = self.spec.patch
+        if height % patch or width % patch:
+            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch}")
+        x = self.patch_embed(images)  # (N, h*w, D)
+        x = torch.cat([self.cls_token.expand(n, -1, -1), x], 1)
+        x = x + self.position_embedding(height // patch, width // patch)
+        x = torch.cat([x[:, :1], self.register_tokens.expand(n, -1, -1), x[:, 1:]], 1)  # registers after CLS
+        for block in self.blocks:
+            x = block(x)
+        x = self.norm(x)
+        return torch.cat([x[:, :1], x[:, 1 + self.spec.registers:]], 1)  # drop the registers

@@ -1,0 +1,234 @@
+"""LRM (Hong et al., ICLR 2024) in the exact layout of the public OpenLRM v1.1 checkpoints.
+
+image (N, 3, S, S) in [0, 1] --DINOv2--> tokens (N, L, E)
+camera (N, 16) --MLP--> c (N, 1024)
+learned triplane tokens (N, 3*32*32, D) --[cross-attn to tokens, self-attn, MLP; each after ModLN(c)] x layers-->
+--> (N, 3, D, 32, 32) --ConvTranspose x2--> planes (N, 3, C, 64, 64)
+points (N, P, 3) --triplane lookup--> (N, P, 3C) --MLP--> density (N, P, 1), rgb (N, P, 3)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..field import TriplaneField, sample_triplane
+from ..hub import CheckpointError, load_strict, read_state_dict, resolve_checkpoint, save_checkpoint
+from .dinov2 import VIT_SPECS, DinoV2
+
+# (transformer_dim, transformer_layers, triplane_dim) of the published sizes -> (source size, render size)
+PUBLISHED_SIZES = {(512, 12, 32): (224, 192), (768, 12, 48): (336, 288), (1024, 16, 80): (448, 384)}
+
+
+@dataclass
+class LRMConfig:
+    """The keys of OpenLRM's config.json; ``source_size``/``render_size`` are ours, for unpublished sizes."""
+
+    camera_embed_dim: int = 1024
+    rendering_samples_per_ray: int = 96
+    transformer_dim: int = 512
+    transformer_layers: int = 12
+    transformer_heads: int = 8
+    triplane_low_res: int = 32
+    triplane_high_res: int = 64
+    triplane_dim: int = 32
+    encoder_type: str = "dinov2"
+    encoder_model_name: str = "dinov2_vits14_reg"
+    encoder_feat_dim: int = 384
+    encoder_freeze: bool = False
+    source_size: int | None = None
+    render_size: int | None = None
+
+    @classmethod
+    def from_dict(cls, config: dict, source: str = "config") -> "LRMConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(config) - known)
+        if unknown:
+            raise CheckpointError(f"{source}: config.json has keys this LRM does not know: {', '.join(unknown)}")
+        cfg = cls(**config)
+        if cfg.encoder_type != "dinov2" or cfg.encoder_model_name not in VIT_SPECS:
+            raise CheckpointError(f"{source}: unsupported encoder {cfg.encoder_type}/{cfg.encoder_model_name}; "
+                                  f"known: {', '.join(VIT_SPECS)}")
+        return cfg
+
+    def to_dict(self) -> dict:
+        """The config.json content; a published config round-trips unchanged."""
+        return {k: v for k, v in dataclasses.asdict(self).items() if not (k.endswith("_size") and v is None)}
+
+    @property
+    def sizes(self) -> tuple[int, int]:
+        """(source image size, render size)."""
+        default = PUBLISHED_SIZES.get((self.transformer_dim, self.transformer_layers, self.triplane_dim), (224, 192))
+        return self.source_size or default[0], self.render_size or default[1]
+
+
+class CameraEmbedder(nn.Module):
+    def __init__(self, raw_dim: int, embed_dim: int):
+        super().__init__()
+        self.mlp = nn.Sequential(nn.Linear(raw_dim, embed_dim), nn.SiLU(), nn.Linear(embed_dim, embed_dim))
+
+    def forward(self, cameras: torch.Tensor) -> torch.Tensor:
+        return self.mlp(cameras)
+
+
+class ModLN(nn.Module):
+    """LayerNorm modulated by the camera: norm(x) * (1 + scale) + shift, (shift, scale) = Linear(SiLU(c))."""
+
+    def __init__(self, dim: int, cond_dim: int):
+        super().__init__()
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 2 * dim))
+
+    def forward(self, x: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        shift, scale = self.mlp(cond).unsqueeze(1).chunk(2, dim=-1)  # shift first
+        return self.norm(x) * (1 + scale) + shift
+
+
+class ConditionedBlock(nn.Module):
+    """x += CrossAttn(ModLN1(x), tokens); x += SelfAttn(ModLN2(x)); x += MLP(ModLN3(x))."""
+
+    def __init__(self, dim: int, heads: int, cond_dim: int, context_dim: int):
+        super().__init__()
+        self.norm1 = ModLN(dim, cond_dim)
+        self.cross_attn = nn.MultiheadAttention(dim, heads, bias=False, batch_first=True,
+                                                kdim=context_dim, vdim=context_dim)
+        self.norm2 = ModLN(dim, cond_dim)
+        self.self_attn = nn.MultiheadAttention(dim, heads, bias=False, batch_first=True)
+        self.norm3 = ModLN(dim, cond_dim)
+        self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(0.0), nn.Linear(4 * dim, dim))
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        h = self.norm1(x, cond)
+        x = x + self.cross_attn(h, context, context, need_weights=False)[0]
+        h = self.norm2(x, cond)
+        x = x + self.self_attn(h, h, h, need_weights=False)[0]
+        return x + self.mlp(self.norm3(x, cond))
+
+
+class TriplaneTransformer(nn.Module):
+    def __init__(self, cfg: LRMConfig):
+        super().__init__()
+        self.layers = nn.ModuleList(
+            ConditionedBlock(cfg.transformer_dim, cfg.transformer_heads, cfg.camera_embed_dim, cfg.encoder_feat_dim)
+            for _ in range(cfg.transformer_layers))
+        self.norm = nn.LayerNorm(cfg.transformer_dim, eps=1e-6)
+
+    def forward(self, x: torch.Tensor, context: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        for layer in self.layers:
+            x = layer(x, context, cond)
+        return self.norm(x)
+
+
+class Encoder(nn.Module):
+    def __init__(self, cfg: LRMConfig):
+        super().__init__()
+        self.model = DinoV2(VIT_SPECS[cfg.encoder_model_name], cfg.encoder_feat_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.model(images)
+
+
+class PlaneDecoder(nn.Module):
+    """features (..., 3C) -> density (..., 1) = softplus(raw - 1), rgb (..., 3) = sigmoid * 1.002 - 0.001."""
+
+    def __init__(self, in_dim: int, hidden: int = 64):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(in_dim, hidden), nn.ReLU(), nn.Linear(hidden, hidden), nn.ReLU(),
+                                 nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 4))
+
+    def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        raw = self.net(features)
+        return F.softplus(raw[..., :1] - 1.0), torch.sigmoid(raw[..., 1:]) * 1.002 - 0.001
+
+
+class Synthesizer(nn.Module):
+    def __init__(self, triplane_dim: int):
+        super().__init__()
+        self.decoder = PlaneDecoder(3 * triplane_dim)
+
+
+class LRM(nn.Module):
+    """The whole image-to-triplane model. Load with :meth:`from_pretrained` (strict)."""
+
+    def __init__(self, cfg: LRMConfig):
+        super().__init__()
+        self.config = cfg
+        low = cfg.triplane_low_res
+        self.encoder = Encoder(cfg)
+        self.camera_embedder = CameraEmbedder(16, cfg.camera_embed_dim)
+        self.pos_embed = nn.Parameter(torch.zeros(1, 3 * low * low, cfg.transformer_dim))  # learned triplane tokens
+        self.transformer = TriplaneTransformer(cfg)
+        self.upsampler = nn.ConvTranspose2d(cfg.transformer_dim, cfg.triplane_dim, kernel_size=2, stride=2)
+        self.synthesizer = Synthesizer(cfg.triplane_dim)
+
+    def encode_image(self, images: torch.Tensor) -> torch.Tensor:
+        """(N, 3, S, S) in [0, 1], not normalised -> image tokens (N, 1 + (S/14)^2, E)."""
+        return self.encoder(images)
+
+    def planes_from_tokens(self, tokens: torch.Tensor, cameras: torch.Tensor) -> torch.Tensor:
+        """Image tokens (N, L, E) and source cameras (N, 16) -> planes (N, 3, C, 2*low, 2*low)."""
+        n, low, dim = tokens.shape[0], self.config.triplane_low_res, self.config.transformer_dim
+        cond = self.camera_embedder(cameras.to(tokens.dtype))  # (N, 1024)
+        x = self.transformer(self.pos_embed.expand(n, -1, -1), tokens, cond)  # (N, 3*low*low, D)
+        x = x.reshape(n, 3, low, low, dim).permute(0, 1, 4, 2, 3).reshape(n * 3, dim, low, low)
+        planes = self.upsampler(x)  # (N*3, C, 2*low, 2*low)
+        return planes.reshape(n, 3, *planes.shape[1:])
+
+    def forward_planes(self, images: torch.Tensor, cameras: torch.Tensor) -> torch.Tensor:
+        """images (N, 3, S, S) in [0, 1], cameras (N, 16) source-camera format -> planes (N, 3, C, 64, 64)."""
+        return self.planes_from_tokens(self.encode_image(images), cameras)
+
+    def query_points(self, planes: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """planes (N, 3, C, H, W), points (N, P, 3) in [-1, 1]^3 -> density (N, P, 1), rgb (N, P, 3)."""
+        return self.synthesizer.decoder(sample_triplane(planes, points))
+
+    def field(self, planes: torch.Tensor) -> TriplaneField:
+        """One object's planes (1, 3, C, H, W) as a field for rendering and meshing."""
+        return TriplaneField(planes, self.query_points)
+
+    # ---- checkpoints -------------------------------------------------------------------------------------
+    @classmethod
+    def from_pretrained(cls, repo_or_folder: str | Path, revision: str | None = None, offline: bool | None = None,
+                        device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LRM":
+        """Strictly load an OpenLRM v1.1 checkpoint (Hub repo id or folder). CPU float32 unless asked."""
+        files = resolve_checkpoint(repo_or_folder, revision, offline)
+        cfg = LRMConfig.from_dict(files.config, files.source)
+        with torch.device("meta"):
+            model = cls(cfg)
+        load_strict(model, read_state_dict(files.weights), files.source)
+        return model.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        return save_checkpoint(folder, self.config.to_dict(), self.state_dict())
+
+
+def random_lrm(cfg: LRMConfig, seed: int = 0) -> LRM:
+    """A randomly initialised LRM (tests, benchmarks, the --random-weights demo); every draw from one seeded
+    generator, so a seed always gives the same model."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.device("meta"):
+        model = LRM(cfg)
+    model = model.to_empty(device="cpu")
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias"):
+                param.zero_()
+            elif name.endswith("gamma"):  # LayerScale
+                param.fill_(0.1)
+            elif param.dim() == 1:  # LayerNorm weights
+                param.fill_(1.0)
+            elif param.dim() == 3:  # tokens and position embeddings
+                param.copy_(torch.randn(param.shape, generator=generator))
+            else:
+                param.copy_(torch.randn(param.shape, generator=generator) / param[0].numel() ** 0.5)
+    return model.eval()
+
+
+TINY_CONFIG = LRMConfig(camera_embed_dim=32, transformer_dim=32, transformer_layers=2, transformer_heads=2,
+                        triplane_low_res=8, triplane_high_res=16, triplane_dim=8, encoder_model_name="tiny_vit14_reg",
+                        encoder_feat_dim=24, rendering_samples_per_ray=32, source_size=56, render_size=48)
