@@ -1,0 +1,14 @@
+"""recon3d: a photo or a sentence -> a 3D model you can spin and download.
+
+Python API::
+
+    from recon3d import ImageTo3D
+    pipe = ImageTo3D.from_pretrained("zxhezexin/openlrm-mix-base-1.1", device="cuda", dtype=torch.float16)
+    result = pipe("chair.png", mesh_resolution=256)
+    result.save_glb("chair.glb")
+"""
+
+from .pipelines.image_to_3d import ImageTo3D, ImageTo3DOptions, ImageTo3DResult
+
+__all__ = ["ImageTo3D", "ImageTo3DOptions", "ImageTo3DResult"]
+__version__ = "0.1.0"

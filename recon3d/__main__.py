@@ -1,0 +1,127 @@
+"""Command line: ``python -m recon3d image IMG... -o OUTDIR --model REPO_OR_FOLDER --resolution 256``.
+
+Each input that is refused gets a one-line message; the others are still processed; the exit code is 1 if any
+input failed, 2 if the model could not be loaded.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from pathlib import Path
+
+from .checkpoints import DEFAULT_LRM, OPENLRM_LICENCE
+from .hub import CheckpointError, hub_reachable
+from .images import ImageError
+from .mesh import EmptyMeshError, MAX_RESOLUTION, MIN_RESOLUTION
+
+DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
+          "bfloat16": "bfloat16", "bf16": "bfloat16"}
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m recon3d", description="Photos and sentences to 3D models.")
+    commands = parser.add_subparsers(dest="command", required=True)
+    image = commands.add_parser("image", help="image(s) -> GLB mesh(es) with LRM")
+    image.add_argument("images", nargs="+", type=Path, help="PNG, JPEG or WebP files")
+    image.add_argument("-o", "--output", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
+    image.add_argument("--model", default=DEFAULT_LRM, help=f"Hub repo id or checkpoint folder (default: {DEFAULT_LRM})")
+    image.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    image.add_argument("--resolution", type=int, default=256, help=f"mesh grid resolution, {MIN_RESOLUTION}..{MAX_RESOLUTION}")
+    image.add_argument("--foreground-ratio", type=float, default=0.8, help="object size in the square input (0.3..1)")
+    image.add_argument("--no-remove-background", action="store_true", help="do not remove the background")
+    image.add_argument("--threshold", type=parse_threshold, default=3.0,
+                       help="density iso-level of the surface, or 'auto' for uncalibrated (e.g. fine-tuned) models")
+    image.add_argument("--remove-floaters", type=float, default=0.0, metavar="FRACTION",
+                       help="drop detached parts smaller than FRACTION of the largest (0: keep all, 1: largest only)")
+    image.add_argument("--turntable", action="store_true", help="also write a turntable GIF per image")
+    image.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    image.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float16 on GPU, float32 on CPU")
+    image.add_argument("--offline", action="store_true", help="use the local Hub cache only")
+    image.add_argument("--random-weights", action="store_true", help="tiny random model: tests the path, output is meaningless")
+    return parser
+
+
+def parse_threshold(text: str) -> float | None:
+    return None if text == "auto" else float(text)
+
+
+def pick_device(name: str | None, dtype_name: str | None):
+    import torch
+
+    device = torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    default = "float16" if device.type == "cuda" else "float32"
+    return device, getattr(torch, DTYPES[dtype_name] if dtype_name else default)
+
+
+def load_pipeline(args: argparse.Namespace):
+    from . import ImageTo3D
+    from .models.lrm import TINY_CONFIG
+
+    device, dtype = pick_device(args.device, args.dtype)
+    if args.random_weights:
+        print("recon3d: random weights: the meshes are meaningless (a test of the path only)", file=sys.stderr)
+        return ImageTo3D.random(TINY_CONFIG, device=device, dtype=dtype)
+    offline = args.offline or None
+    if offline is None and not Path(args.model).is_dir() and not hub_reachable():
+        offline = True  # decide once: no retries per file against an unreachable Hub
+    print(f"recon3d: loading {args.model} ({OPENLRM_LICENCE}) on {device} in {str(dtype).split('.')[-1]}", file=sys.stderr)
+    return ImageTo3D.from_pretrained(args.model, device=device, dtype=dtype, revision=args.revision, offline=offline)
+
+
+def run_image(args: argparse.Namespace) -> int:
+    from tqdm import tqdm
+
+    from .pipelines.image_to_3d import ImageTo3DOptions
+
+    options = ImageTo3DOptions(foreground_ratio=args.foreground_ratio, mesh_resolution=args.resolution,
+                               remove_background=not args.no_remove_background,
+                               density_threshold=args.threshold, remove_floaters=args.remove_floaters)
+    try:
+        options.validate()
+        pipe = load_pipeline(args)
+    except (CheckpointError, ValueError) as exc:
+        print(f"recon3d: error: {exc}", file=sys.stderr)
+        return 2
+    args.output.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for path in args.images:
+        bar = tqdm(total=100, desc=path.name, unit="%", leave=True, file=sys.stderr)
+        try:
+            result = None
+            for event in pipe.run(path, options):
+                bar.set_postfix_str(event.message)
+                bar.update(int(event.fraction * 100) - bar.n)
+                result = event.result or result
+            write_outputs(result, args.output / path.stem, args.turntable)
+        except (ImageError, EmptyMeshError, ValueError, OSError) as exc:
+            failures += 1
+            bar.write(f"recon3d: {path}: refused: {exc}", file=sys.stderr)
+        finally:
+            bar.close()
+    return 1 if failures else 0
+
+
+def write_outputs(result, stem: Path, turntable: bool) -> None:
+    glb = result.save_glb(stem.with_suffix(".glb"))
+    result.processed_image.save(stem.parent / f"{stem.name}_input.png")
+    if turntable:
+        result.save_turntable(stem.parent / f"{stem.name}_turntable.gif")
+    for note in result.notes:
+        print(f"recon3d: {stem.name}: {note}", file=sys.stderr)
+    summary = {"glb": str(glb), "faces": result.stats["faces"], "timings_s": {k: round(v, 4) for k, v in result.timings.items()}}
+    print(json.dumps(summary))
+
+
+def main(argv: list[str] | None = None) -> int:
+    logging.basicConfig(level=logging.ERROR)
+    args = build_parser().parse_args(argv)
+    if args.command == "image":
+        return run_image(args)
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""nn.Modules with config dataclasses, loadable from their published checkpoints."""

@@ -1,0 +1,140 @@
+"""Image to 3D with LRM: image -> planes -> mesh (and optional turntable), with per-stage timings.
+
+Steps: 1 prepare the image, 2 encode it, 3 transformer -> planes, 4 density grid, 5 marching cubes + colours.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+from PIL import Image
+
+from .. import cameras
+from ..field import TriplaneField
+from ..images import BackgroundRemover, ImageInput, PreparedImage, image_to_tensor, prepare_image
+from ..mesh import Mesh, MeshSettings, check_resolution, extract_mesh
+from ..models.lrm import LRM, LRMConfig, random_lrm
+from ..render import RenderSettings, render_view
+from .progress import Progress, run_to_end, timed
+
+
+@dataclass
+class ImageTo3DOptions:
+    foreground_ratio: float = 0.8
+    mesh_resolution: int = 256
+    remove_background: bool = True
+    camera_distance: float = cameras.LRM_SOURCE_DISTANCE
+    density_threshold: float | None = 3.0  # None: pick a level from the grid (for random weights)
+    remove_floaters: float = 0.0  # drop parts smaller than this fraction of the largest (0: keep all, 1: largest)
+
+    def validate(self) -> "ImageTo3DOptions":
+        check_resolution(self.mesh_resolution)
+        if not 0.3 <= self.foreground_ratio <= 1.0:
+            raise ValueError(f"foreground ratio must be between 0.3 and 1.0, got {self.foreground_ratio}")
+        if not 0.0 <= self.remove_floaters <= 1.0:
+            raise ValueError(f"remove_floaters must be between 0 and 1, got {self.remove_floaters}")
+        if not 1.0 <= self.camera_distance <= 4.0:
+            raise ValueError(f"camera distance must be between 1 and 4, got {self.camera_distance}")
+        return self
+
+
+@dataclass
+class ImageTo3DResult:
+    prepared: PreparedImage
+    planes: torch.Tensor  # (1, 3, C, 64, 64)
+    mesh: Mesh
+    field: TriplaneField
+    timings: dict[str, float]
+    stats: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def processed_image(self) -> Image.Image:
+        return self.prepared.image
+
+    def save_glb(self, path: str | Path) -> Path:
+        return self.mesh.save_glb(path)
+
+    def render_turntable(self, frames: int = 24, size: int = 192, elevation_deg: float = 23.6,
+                         distance: float = 2.0, fov_deg: float = 50.0, settings: RenderSettings | None = None) -> list[Image.Image]:
+        """Frames around the object; frame 0 faces the source view."""
+        settings = settings or RenderSettings()
+        intrinsics = cameras.intrinsics_from_fov(fov_deg)
+        images = []
+        for c2w in cameras.orbit_cameras(frames, elevation_deg, distance):
+            rgb = render_view(self.field, c2w, intrinsics, size, settings, self.planes.device)["rgb"]
+            images.append(Image.fromarray((rgb.clamp(0, 1).numpy() * 255 + 0.5).astype("uint8")))
+        return images
+
+    def save_turntable(self, path: str | Path, frames: int = 24, size: int = 192) -> Path:
+        """An animated GIF (or WebP, by suffix) of :meth:`render_turntable`."""
+        images = self.render_turntable(frames, size)
+        images[0].save(path, save_all=True, append_images=images[1:], duration=80, loop=0)
+        return Path(path)
+
+
+class ImageTo3D:
+    """``ImageTo3D.from_pretrained("zxhezexin/openlrm-mix-base-1.1")(image)`` -> :class:`ImageTo3DResult`."""
+
+    def __init__(self, model: LRM, random_weights: bool = False, offline: bool = False):
+        self.model = model
+        self.random_weights = random_weights
+        self.background_remover = BackgroundRemover(offline=offline)
+
+    @classmethod
+    def from_pretrained(cls, repo_or_folder: str | Path, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None, revision: str | None = None,
+                        offline: bool | None = None) -> "ImageTo3D":
+        model = LRM.from_pretrained(repo_or_folder, revision=revision, offline=offline, device=device, dtype=dtype)
+        return cls(model, offline=bool(offline))
+
+    @classmethod
+    def random(cls, config: LRMConfig, seed: int = 0, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None, offline: bool = True) -> "ImageTo3D":
+        """Random weights: the whole path runs, the shapes are real, the output means nothing."""
+        model = random_lrm(config, seed).to(device=device or "cpu", dtype=dtype or torch.float32)
+        return cls(model, random_weights=True, offline=offline)
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.pos_embed.device
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.model.pos_embed.dtype
+
+    def __call__(self, image: ImageInput, **options) -> ImageTo3DResult:
+        return run_to_end(self.run(image, ImageTo3DOptions(**options)))
+
+    @torch.no_grad()
+    def run(self, image: ImageInput, options: ImageTo3DOptions = ImageTo3DOptions()) -> Iterator[Progress]:
+        """The job as progress events; the last one carries the :class:`ImageTo3DResult`."""
+        options.validate()
+        if self.random_weights:  # no calibrated density: mesh the largest part at an automatic level
+            options = replace(options, density_threshold=None, remove_floaters=1.0)
+        timings: dict[str, float] = {}
+        device, source_size = self.device, self.model.config.sizes[0]
+        yield Progress("preprocess", 0.0, "Preparing the image")
+        with timed(timings, "preprocess", device):
+            remover = self.background_remover if options.remove_background else None
+            prepared = prepare_image(image, source_size, options.foreground_ratio, remover)
+            pixels = image_to_tensor(prepared.image).to(device, self.dtype)  # (1, 3, S, S)
+            camera = cameras.lrm_source_camera(options.camera_distance)[None].to(device, self.dtype)  # (1, 16)
+        yield Progress("encoder", 0.1, "Encoding the image")
+        with timed(timings, "encoder", device):
+            tokens = self.model.encode_image(pixels)
+        yield Progress("transformer", 0.25, "Predicting the triplane")
+        with timed(timings, "transformer", device):
+            planes = self.model.planes_from_tokens(tokens, camera)
+        yield Progress("mesh", 0.45, f"Extracting the mesh at {options.mesh_resolution}^3")
+        field_ = self.model.field(planes)
+        mesh_settings = MeshSettings(resolution=options.mesh_resolution, level=options.density_threshold,
+                                     min_part_fraction=options.remove_floaters)
+        mesh, grid = extract_mesh(field_, mesh_settings, timings)
+        stats = {"vertices": len(mesh.vertices), "faces": len(mesh.faces), "field_queries": grid.queries,
+                 "dense_queries": options.mesh_resolution ** 3, **grid.stats}
+        result = ImageTo3DResult(prepared, planes, mesh, field_, timings, stats, list(prepared.notes))
+        yield Progress("done", 1.0, f"{len(mesh.faces):,} triangles", result=result)

@@ -1,0 +1,81 @@
+"""What a long-running front end (the app) needs around the pipelines: which checkpoints to offer, whether the
+Hub is reachable (decided once, at start), and a small cache of loaded pipelines. No UI code here.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from .checkpoints import OPENLRM_CHECKPOINTS
+from .hub import CheckpointError, hub_reachable
+from .models.lrm import TINY_CONFIG, LRMConfig
+from .pipelines.image_to_3d import ImageTo3D
+
+RANDOM_CHOICES = {
+    "random-tiny (random weights)": TINY_CONFIG,
+    "random-small (random weights, OpenLRM small shapes)": LRMConfig(),
+}
+
+
+@dataclass
+class ServiceSettings:
+    random_weights: bool = False
+    device: str | None = None  # None: cuda if available
+    dtype: str | None = None  # None: float16 on cuda, float32 otherwise
+    offline: bool | None = None  # None: probe the Hub once at start
+    max_loaded: int = 1  # pipelines kept in memory at once
+
+
+class ModelService:
+    """Loads pipelines on first use and keeps the most recent ``max_loaded`` of them."""
+
+    def __init__(self, settings: ServiceSettings):
+        self.settings = settings
+        self.device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        default_dtype = "float16" if self.device.type == "cuda" else "float32"
+        self.dtype = getattr(torch, settings.dtype or default_dtype)
+        if settings.random_weights:
+            self.offline = True
+        else:
+            self.offline = settings.offline if settings.offline is not None else not hub_reachable()
+        self._loaded: OrderedDict[str, ImageTo3D] = OrderedDict()
+        self._lock = threading.Lock()
+
+    def lrm_choices(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for a dropdown."""
+        if self.settings.random_weights:
+            return [(name, name) for name in RANDOM_CHOICES]
+        return [(c.label, c.repo_id) for c in OPENLRM_CHECKPOINTS]
+
+    def status(self) -> str:
+        if self.settings.random_weights:
+            return "random weights"
+        return "offline: only checkpoints already in the local Hub cache can load" if self.offline else "online"
+
+    def image_to_3d(self, name: str) -> ImageTo3D:
+        """The pipeline for a dropdown value or a checkpoint folder; raises CheckpointError with a user message."""
+        with self._lock:
+            if name in self._loaded:
+                self._loaded.move_to_end(name)
+                return self._loaded[name]
+            while len(self._loaded) >= self.settings.max_loaded:  # free memory before loading the next one
+                self._loaded.popitem(last=False)
+                if self.device.type == "cuda":
+                    torch.cuda.empty_cache()
+            self._loaded[name] = self._load(name)
+            return self._loaded[name]
+
+    def _load(self, name: str) -> ImageTo3D:
+        if self.settings.random_weights:
+            if name not in RANDOM_CHOICES:
+                raise CheckpointError(f"{name}: this app runs with --random-weights; choose one of the random models")
+            return ImageTo3D.random(RANDOM_CHOICES[name], device=self.device, dtype=self.dtype)
+        known = {c.repo_id for c in OPENLRM_CHECKPOINTS}
+        if name not in known and not Path(name).is_dir():
+            raise CheckpointError(f"{name}: unknown checkpoint")
+        return ImageTo3D.from_pretrained(name, device=self.device, dtype=self.dtype, offline=self.offline)

@@ -1,0 +1,97 @@
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from recon3d.images import BackgroundRemover, ImageError, load_image, prepare_image
+
+
+def rgba_object(size=(200, 160), box=(40, 30, 120, 90), colour=(200, 30, 30, 255)):
+    """Transparent canvas (w, h) with an opaque rectangle (left, top, right, bottom)."""
+    array = np.zeros((size[1], size[0], 4), np.uint8)
+    left, top, right, bottom = box
+    array[top:bottom, left:right] = colour
+    return Image.fromarray(array, "RGBA")
+
+
+def test_alpha_object_is_recentred_to_the_foreground_ratio_on_white():
+    prepared = prepare_image(rgba_object(), size=100, foreground_ratio=0.8)
+    rgb = np.asarray(prepared.image).astype(int)
+    assert prepared.image.size == (100, 100) and prepared.had_alpha
+    red = (rgb[..., 0] > 150) & (rgb[..., 1] < 100)
+    rows, cols = np.nonzero(red)
+    assert cols.max() - cols.min() + 1 == pytest.approx(80, abs=2)  # longer side (80 px wide) -> 80% of 100
+    assert (cols.min() + cols.max()) / 2 == pytest.approx(49.5, abs=1.5)
+    assert (rows.min() + rows.max()) / 2 == pytest.approx(49.5, abs=1.5)
+    assert (rgb[0, 0] == 255).all()  # background composited on white
+
+
+def test_image_without_alpha_and_without_remover_is_used_whole():
+    image = Image.new("RGB", (120, 60), (10, 200, 10))
+    prepared = prepare_image(image, size=64, remove_background=None)
+    assert prepared.image.size == (64, 64) and not prepared.background_removed
+    assert any("whole image" in note for note in prepared.notes)
+    rgb = np.asarray(prepared.image)
+    assert (rgb[32, 32] == [10, 200, 10]).all() and (rgb[2, 32] == 255).all()  # letterboxed on white
+
+
+def test_background_remover_without_weights_offline_says_so_and_continues(tmp_path, monkeypatch):
+    monkeypatch.setenv("U2NET_HOME", str(tmp_path))
+    remover = BackgroundRemover(offline=True)
+    prepared = prepare_image(Image.new("RGB", (64, 64), (0, 0, 255)), size=32, remove_background=remover)
+    assert not prepared.background_removed
+    assert "not downloaded" in remover.unavailable_reason and remover.unavailable_reason in prepared.notes
+
+
+def write(tmp_path, name, data):
+    path = tmp_path / name
+    path.write_bytes(data)
+    return path
+
+
+def png_bytes(image):
+    import io
+
+    buf = io.BytesIO()
+    image.save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_refusals_have_clear_messages(tmp_path):
+    noise = Image.effect_noise((256, 256), 50).convert("RGB")
+    bmp = tmp_path / "old.bmp"
+    Image.new("RGB", (64, 64)).save(bmp)
+    cases = {
+        "not an image": write(tmp_path, "notes.png", b"hello, I am text"),
+        "truncated or corrupt": write(tmp_path, "cut.png", png_bytes(noise)[:400]),
+        "at least 32 px": write(tmp_path, "tiny.png", png_bytes(Image.new("RGB", (16, 40)))),
+        "BMP images are not supported": bmp,
+        "no such file": tmp_path / "missing.png",
+    }
+    for message, path in cases.items():
+        with pytest.raises(ImageError, match=message):
+            load_image(path)
+
+
+def test_decompression_bomb_is_refused_from_the_header(tmp_path):
+    data = bytearray(png_bytes(Image.new("L", (64, 64))))
+    ihdr = struct.pack(">II", 100_000, 100_000) + bytes(data[24:29])  # claim 100k x 100k pixels
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    with pytest.raises(ImageError, match="too many pixels|limit is"):
+        load_image(write(tmp_path, "bomb.png", bytes(data)))
+    with pytest.raises(ImageError, match="limit is"):
+        load_image(png_bytes(Image.new("RGB", (100, 100))), max_pixels=5000)
+
+
+def test_fully_transparent_image_is_refused():
+    with pytest.raises(ImageError, match="fully transparent"):
+        prepare_image(Image.new("RGBA", (64, 64), (255, 0, 0, 0)), size=32)
+
+
+def test_arrays_and_bytes_are_accepted():
+    array = np.zeros((40, 50, 3), np.float32) + 0.5
+    assert load_image(array).size == (50, 40)
+    assert load_image(png_bytes(Image.new("RGB", (33, 34)))).mode == "RGBA"

@@ -1,0 +1,99 @@
+import numpy as np
+import pytest
+import torch
+import trimesh
+
+from recon3d.mesh import (EmptyMeshError, MeshSettings, auto_level, coarse_to_fine_grid, dense_grid, extract_mesh,
+                          marching_cubes, remove_small_parts)
+
+from conftest import SphereField, glb_summary
+
+
+class BoxField:
+    """Axis-aligned box [lo, hi]: density 3 + 20 * (distance inside), so the surface is the box itself."""
+
+    def __init__(self, lo, hi):
+        self.lo, self.hi = torch.tensor(lo), torch.tensor(hi)
+
+    def query(self, p):
+        inside = torch.minimum(p - self.lo, self.hi - p).amin(-1, keepdim=True)
+        return 3.0 + 20.0 * inside, torch.full((len(p), 3), 0.5)
+
+
+def test_sphere_mesh_is_watertight_outward_and_has_the_right_volume():
+    centre = (0.1, -0.2, 0.05)
+    mesh, _ = extract_mesh(SphereField(centre, 0.6), MeshSettings(resolution=96))
+    tm = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    assert tm.is_watertight
+    assert tm.volume == pytest.approx(4 / 3 * np.pi * 0.6 ** 3, rel=0.01)  # positive: faces wound outward
+    outward = ((tm.triangles_center - np.array(centre)) * tm.face_normals).sum(1)
+    assert (outward > 0).all()
+    radii = np.linalg.norm(mesh.vertices - np.array(centre), axis=1)
+    assert np.abs(radii - 0.6).max() < 2 / 95
+
+
+def test_vertex_colours_come_from_the_field():
+    mesh, _ = extract_mesh(SphereField(radius=0.5), MeshSettings(resolution=64))
+    top, bottom = mesh.vertices[:, 2] > 0.05, mesh.vertices[:, 2] < -0.05
+    assert np.allclose(mesh.colors[top], [1, 0, 0]) and np.allclose(mesh.colors[bottom], [0, 0, 1])
+
+
+def test_off_centre_box_bounds():
+    lo, hi = (-0.7, 0.1, -0.2), (0.3, 0.8, 0.6)
+    mesh, _ = extract_mesh(BoxField(lo, hi), MeshSettings(resolution=128))
+    voxel = 2 / 127
+    assert np.allclose(mesh.vertices.min(0), lo, atol=voxel) and np.allclose(mesh.vertices.max(0), hi, atol=voxel)
+    assert trimesh.Trimesh(mesh.vertices, mesh.faces, process=False).is_watertight
+
+
+def test_coarse_to_fine_gives_the_dense_mesh_with_far_fewer_queries():
+    field, resolution = SphereField((0.1, -0.2, 0.05), 0.6), 128
+    dense, sparse = dense_grid(field, resolution), coarse_to_fine_grid(field, resolution, level=3.0)
+    v_dense, f_dense = marching_cubes(dense, 3.0)
+    v_sparse, f_sparse = marching_cubes(sparse, 3.0)
+    assert np.array_equal(f_dense, f_sparse)
+    assert np.allclose(v_dense, v_sparse, atol=1e-5)  # same points; only float noise of batched evaluation
+    assert dense.queries == resolution ** 3
+    assert sparse.queries * 4 < dense.queries
+
+
+def test_glb_is_valid_y_up_front_to_plus_z_with_outward_normals(tmp_path):
+    mesh, _ = extract_mesh(SphereField((0.0, -0.3, 0.2), 0.4), MeshSettings(resolution=64))
+    path = mesh.save_glb(tmp_path / "sphere.glb")
+    positions, normals, colours, indices = glb_summary(path)
+    assert len(positions) == len(mesh.vertices) and len(indices) == len(mesh.faces)
+    # world (x, y, z) -> glTF (x, z, -y): the sphere centre (0, -0.3, 0.2) lands at (0, 0.2, 0.3)
+    assert np.allclose((positions.min(0) + positions.max(0)) / 2, [0.0, 0.2, 0.3], atol=0.02)
+    # the red top (world +z) is glTF +y; colours are stored linear, red stays (1, 0, 0)
+    top = positions[:, 1] > 0.25
+    assert np.allclose(colours[top, :3], [1, 0, 0], atol=1e-4)
+    outward = ((positions - [0.0, 0.2, 0.3]) * normals).sum(1)
+    assert (outward > 0).all()
+    tri = positions[indices]
+    face_n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])
+    assert ((tri.mean(1) - [0.0, 0.2, 0.3]) * face_n).sum(1).min() > 0  # counter-clockwise from outside
+
+
+def test_empty_and_out_of_range_requests_are_refused():
+    with pytest.raises(EmptyMeshError, match="no surface"):
+        extract_mesh(SphereField(radius=0.5), MeshSettings(resolution=64, level=1000.0))
+    for bad in (32, 1024):
+        with pytest.raises(ValueError, match="between 64 and 512"):
+            extract_mesh(SphereField(), MeshSettings(resolution=bad))
+
+
+def test_auto_level_and_floater_removal():
+    class TwoBalls:
+        def query(self, p):
+            big = 3 + 10 * (0.5 - (p - torch.tensor([-0.3, 0, 0])).norm(dim=-1, keepdim=True))
+            small = 3 + 10 * (0.15 - (p - torch.tensor([0.7, 0, 0])).norm(dim=-1, keepdim=True))
+            return torch.maximum(big, small), torch.ones(len(p), 3)
+
+    grid = dense_grid(TwoBalls(), 64)
+    level = auto_level(grid, inside_fraction=0.1)
+    assert (grid.values >= level).float().mean().item() == pytest.approx(0.1, abs=0.01)
+    assert remove_small_parts(grid, 3.0, min_fraction=0.5) == 1
+    vertices, _ = marching_cubes(grid, 3.0)
+    assert vertices[:, 0].max() < 0.25  # only the big ball is left
+    mesh, g = extract_mesh(TwoBalls(), MeshSettings(resolution=64, min_part_fraction=0.01))
+    assert mesh.vertices[:, 0].max() > 0.8 and g.stats["parts_removed"] == 0
