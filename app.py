@@ -93,7 +93,7 @@ def build_image_tab(service: ModelService) -> None:
     default = DEFAULT_LRM if any(v == DEFAULT_LRM for _, v in choices) else choices[0][1]
     with gr.Row():
         with gr.Column():
-            image = gr.Image(label="Input image", type="filepath", image_mode="RGBA", sources=["upload", "clipboard"],
+            image = gr.Image(label="Input image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
                              elem_id="input-image")
             checkpoint = gr.Dropdown(choices, value=default, label="Checkpoint")
             remove_background = gr.Checkbox(True, label="Remove background (when the image has no transparency)")
@@ -145,7 +145,8 @@ def main(argv=None) -> None:
     service = ModelService(ServiceSettings(random_weights=args.random_weights, device=args.device, dtype=args.dtype))
     demo = build_app(service)
     demo.queue(max_size=args.max_queue, default_concurrency_limit=1)
-    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(SESSIONS_DIR)])
+    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(SESSIONS_DIR)],
+                show_error=True)
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--remove-floaters", type=float, default=0.0, metavar="FRACTION",
                        help="drop detached parts smaller than FRACTION of the largest (0: keep all, 1: largest only)")
     image.add_argument("--turntable", action="store_true", help="also write a turntable GIF per image")
+    image.add_argument("--turntable-frames", type=int, default=24, help="frames of the turntable (default 24)")
+    image.add_argument("--turntable-size", type=int, default=192, help="turntable frame size in pixels (default 192)")
     image.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     image.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float16 on GPU, float32 on CPU")
     image.add_argument("--offline", action="store_true", help="use the local Hub cache only")
@@ -95,7 +97,7 @@ def run_image(args: argparse.Namespace) -> int:
                 bar.set_postfix_str(event.message)
                 bar.update(int(event.fraction * 100) - bar.n)
                 result = event.result or result
-            write_outputs(result, args.output / path.stem, args.turntable)
+            write_outputs(result, args.output / path.stem, args)
         except (ImageError, EmptyMeshError, ValueError, OSError) as exc:
             failures += 1
             bar.write(f"recon3d: {path}: refused: {exc}", file=sys.stderr)
@@ -104,11 +106,11 @@ def run_image(args: argparse.Namespace) -> int:
     return 1 if failures else 0
 
 
-def write_outputs(result, stem: Path, turntable: bool) -> None:
+def write_outputs(result, stem: Path, args: argparse.Namespace) -> None:
     glb = result.save_glb(stem.with_suffix(".glb"))
     result.processed_image.save(stem.parent / f"{stem.name}_input.png")
-    if turntable:
-        result.save_turntable(stem.parent / f"{stem.name}_turntable.gif")
+    if args.turntable:
+        result.save_turntable(stem.parent / f"{stem.name}_turntable.gif", args.turntable_frames, args.turntable_size)
     for note in result.notes:
         print(f"recon3d: {stem.name}: {note}", file=sys.stderr)
     summary = {"glb": str(glb), "faces": result.stats["faces"], "timings_s": {k: round(v, 4) for k, v in result.timings.items()}}

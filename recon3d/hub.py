@@ -102,20 +102,24 @@ def _download(repo_id: str, filename: str, revision: str | None, local_only: boo
     at = f"{repo_id}@{revision}" if revision else repo_id
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=local_only))
+    except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: handle it first)
+        if local_only and filename in WEIGHT_FILES:
+            raise _MissingFile(filename) from None  # the other weight format may be cached
+        how = "offline mode is on" if local_only else "the Hub is unreachable"
+        raise CheckpointError(f"{at} is not in the local cache and {how}: download it where the Hub is reachable "
+                              f"(hf download {repo_id}) and copy the cache, or pass the checkpoint folder") from None
     except EntryNotFoundError:
-        raise _MissingFile(filename) from None
+        if filename in WEIGHT_FILES:
+            raise _MissingFile(filename) from None
+        raise CheckpointError(f"{at}: the repo has no {filename}; is it an OpenLRM v1.1 checkpoint?") from None
     except GatedRepoError:
         raise CheckpointError(f"{at}: the repo is gated; accept its terms on the Hub and log in (hf auth login)") from None
     except RevisionNotFoundError:
         raise CheckpointError(f"{at}: no such revision on the Hub") from None
     except RepositoryNotFoundError:
         raise CheckpointError(f"{at}: no such repo on the Hub (or it is private)") from None
-    except LocalEntryNotFoundError:
-        if local_only and filename in WEIGHT_FILES:
-            raise _MissingFile(filename) from None  # the other weight format may be cached
-        how = "offline mode is on" if local_only else "the Hub is unreachable"
-        raise CheckpointError(f"{at} is not in the local cache and {how}: download it where the Hub is reachable "
-                              f"(hf download {repo_id}) and copy the cache, or pass the checkpoint folder") from None
+    except Exception as exc:  # HTTP errors, dropped connections, a full disk: one line, not a traceback
+        raise CheckpointError(f"{at}: downloading {filename} failed ({type(exc).__name__}: {exc})") from None
 
 
 @dataclass

@@ -47,9 +47,10 @@ class Mesh:
         """Area-weighted unit vertex normals (V, 3) from the face winding."""
         tri = self.vertices[self.faces]  # (F, 3, 3)
         face_n = np.cross(tri[:, 1] - tri[:, 0], tri[:, 2] - tri[:, 0])  # length = 2 * area
-        normals = np.zeros_like(self.vertices)
-        for corner in range(3):
-            np.add.at(normals, self.faces[:, corner], face_n)
+        normals = torch.zeros(len(self.vertices), 3, dtype=torch.float64)
+        for corner in range(3):  # index_add_ is ~20x faster than np.add.at on million-face meshes
+            normals.index_add_(0, torch.from_numpy(self.faces[:, corner]), torch.from_numpy(face_n).double())
+        normals = normals.numpy()
         length = np.linalg.norm(normals, axis=1, keepdims=True)
         return (normals / np.maximum(length, 1e-12)).astype(np.float32)
 
@@ -228,18 +229,21 @@ class MeshSettings:
     chunk: int = 262144
 
 
-def extract_mesh(field: Field, settings: MeshSettings = MeshSettings(), timings: dict | None = None) -> tuple[Mesh, DensityGrid]:
+def extract_mesh(field: Field, settings: MeshSettings | None = None, timings: dict | None = None) -> tuple[Mesh, DensityGrid]:
     """The whole export path. ``timings`` (if given) receives seconds per stage."""
+    settings = settings or MeshSettings()
     timings = {} if timings is None else timings
     resolution = check_resolution(settings.resolution)
     start = time.perf_counter()
-    level = settings.level
+    level, calibration_queries = settings.level, 0
     if level is None:  # calibrate on a cheap lattice, then mesh as usual
-        level = auto_level(dense_grid(field, (resolution - 1) // 4 + 1, chunk=settings.chunk))
+        lattice = dense_grid(field, (resolution - 1) // 4 + 1, chunk=settings.chunk)
+        level, calibration_queries = auto_level(lattice), lattice.queries
     if settings.coarse_to_fine:
         grid = coarse_to_fine_grid(field, resolution, level, chunk=settings.chunk)
     else:
         grid = dense_grid(field, resolution, chunk=settings.chunk)
+    grid.queries += calibration_queries
     grid.stats["level"] = level
     if settings.min_part_fraction > 0:
         grid.stats["parts_removed"] = remove_small_parts(grid, level, settings.min_part_fraction)

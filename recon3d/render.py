@@ -85,9 +85,10 @@ def _query_along(field: Field, origins: torch.Tensor, dirs: torch.Tensor, depths
     return density.reshape(r, s).to(depths.dtype), rgb.reshape(r, s, 3).to(depths.dtype)
 
 
-def render_rays(field: Field, origins: torch.Tensor, dirs: torch.Tensor, settings: RenderSettings = RenderSettings(),
+def render_rays(field: Field, origins: torch.Tensor, dirs: torch.Tensor, settings: RenderSettings | None = None,
                 generator: torch.Generator | None = None) -> dict[str, torch.Tensor]:
     """Render rays (R, 3) through ``field``; rays missing the box get the background. Chunked over rays."""
+    settings = settings or RenderSettings()
     out = {"rgb": [], "opacity": [], "depth": []}
     bg = torch.tensor(settings.background, dtype=origins.dtype, device=origins.device)
     for start in range(0, origins.shape[0], settings.chunk_rays):
@@ -112,7 +113,7 @@ def render_rays(field: Field, origins: torch.Tensor, dirs: torch.Tensor, setting
 
 @torch.no_grad()
 def render_view(field: Field, c2w: torch.Tensor, intrinsics: torch.Tensor, size: int,
-                settings: RenderSettings = RenderSettings(), device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
+                settings: RenderSettings | None = None, device: torch.device | str | None = None) -> dict[str, torch.Tensor]:
     """Render a square image of ``size`` pixels: rgb (size, size, 3), opacity and depth (size, size, 1)."""
     origins, dirs = camera_rays(c2w, intrinsics, size, size)
     origins, dirs = origins.reshape(-1, 3).to(device), dirs.reshape(-1, 3).to(device)

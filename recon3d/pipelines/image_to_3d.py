@@ -110,9 +110,9 @@ class ImageTo3D:
         return run_to_end(self.run(image, ImageTo3DOptions(**options)))
 
     @torch.no_grad()
-    def run(self, image: ImageInput, options: ImageTo3DOptions = ImageTo3DOptions()) -> Iterator[Progress]:
+    def run(self, image: ImageInput, options: ImageTo3DOptions | None = None) -> Iterator[Progress]:
         """The job as progress events; the last one carries the :class:`ImageTo3DResult`."""
-        options.validate()
+        options = (options or ImageTo3DOptions()).validate()
         if self.random_weights:  # no calibrated density: mesh the largest part at an automatic level
             options = replace(options, density_threshold=None, remove_floaters=1.0)
         timings: dict[str, float] = {}

@@ -1,0 +1,110 @@
+"""The launched app: its named API through gradio_client, and a real browser rendering the mesh."""
+
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
+import numpy as np
+import pytest
+
+from conftest import ROOT, glb_summary
+
+RANDOM_TINY = "random-tiny (random weights)"
+CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--use-gl=angle",
+                 "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    port = free_port()
+    log = open(tmp_path_factory.mktemp("app") / "app.log", "w")
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--random-weights", "--port", str(port)],
+                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}/"
+    deadline = time.time() + 120
+    while time.time() < deadline:
+        try:
+            if urllib.request.urlopen(url, timeout=2).status == 200:
+                break
+        except OSError:
+            time.sleep(0.5)
+        assert proc.poll() is None, open(log.name).read()
+    else:
+        proc.kill()
+        pytest.fail("the app did not start within 120 s")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_named_endpoint_returns_a_valid_glb_and_survives_bad_input(app_url, tmp_path):
+    from gradio_client import Client, handle_file
+
+    client = Client(app_url, verbose=False)
+    assert "/image_to_3d" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
+    bad = tmp_path / "bad.png"
+    bad.write_bytes((ROOT / "examples" / "duck.png").read_bytes()[:3000])  # a valid header, then cut off
+    with pytest.raises(Exception, match="truncated or corrupt"):
+        client.predict(handle_file(str(bad)), RANDOM_TINY, True, 0.8, 64, True, api_name="/image_to_3d")
+    processed, viewer_glb, file_glb, timings = client.predict(
+        handle_file(str(ROOT / "examples" / "duck.png")), RANDOM_TINY, True, 0.8, 64, True, api_name="/image_to_3d")
+    positions, normals, colours, indices = glb_summary(file_glb)
+    assert len(positions) > 100 and len(indices) > 100
+    assert "encoder" in timings and "Random weights" in timings
+
+
+def test_real_browser_shows_the_mesh(app_url, tmp_path):
+    if not os.path.exists(CHROMIUM):
+        if os.environ.get("CI"):
+            pytest.fail(f"Chromium is missing at {CHROMIUM}: .ci/run must install it")
+        pytest.skip("Chromium is not installed (apt-get install chromium)")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page.goto(app_url, wait_until="domcontentloaded")
+            page.wait_for_selector("#generate", timeout=60000)
+            assert "Random weights" in page.inner_text("#random-weights-banner")
+            page.locator("#input-image input[type=file]").set_input_files(str(ROOT / "examples" / "duck.png"))
+            page.get_by_label("Mesh resolution").first.fill("64")  # keep CPU meshing quick
+            page.locator("#generate").click()
+            canvas = page.locator("#viewer canvas")
+            canvas.wait_for(state="visible", timeout=90000)
+            centre = wait_for_mesh_pixels(page, canvas)
+            page.screenshot(path=str(tmp_path / "app.png"))
+        finally:
+            browser.close()
+    background = np.array([0.85, 0.85, 0.85]) * 255
+    assert np.abs(centre.reshape(-1, 3) - background).max(axis=1).mean() > 20, "centre of the viewer shows no mesh"
+
+
+def wait_for_mesh_pixels(page, canvas, timeout=60.0):
+    """Poll screenshots of the canvas centre until it differs from the clear colour (or time runs out)."""
+    from io import BytesIO
+
+    from PIL import Image
+
+    deadline, centre = time.time() + timeout, None
+    while time.time() < deadline:
+        shot = np.asarray(Image.open(BytesIO(canvas.screenshot())).convert("RGB"), dtype=float)
+        h, w = shot.shape[:2]
+        centre = shot[h // 2 - 15:h // 2 + 15, w // 2 - 15:w // 2 + 15]
+        if np.abs(centre.reshape(-1, 3) - np.array([0.85, 0.85, 0.85]) * 255).max(axis=1).mean() > 20:
+            break
+        time.sleep(0.5)
+    return centre

@@ -1,0 +1,49 @@
+import json
+import os
+import subprocess
+import sys
+
+from conftest import ROOT, glb_summary
+
+
+def run_cli(*args, cwd):
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    return subprocess.run([sys.executable, "-m", "recon3d", *map(str, args)], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=300)
+
+
+def test_many_images_one_call_refused_ones_reported_others_written(tiny_checkpoint, tmp_path):
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not really a png")
+    out = tmp_path / "out"
+    proc = run_cli("image", ROOT / "examples" / "duck.png", bad, ROOT / "examples" / "mug.png", "-o", out,
+                   "--model", tiny_checkpoint, "--resolution", 64, "--threshold", "auto", "--turntable",
+                   "--turntable-frames", 3, "--turntable-size", 48, cwd=tmp_path)
+    assert proc.returncode == 1, proc.stderr
+    assert "broken.png: refused: broken.png: not an image file" in proc.stderr
+    for name in ("duck", "mug"):
+        glb_summary(out / f"{name}.glb")
+        assert (out / f"{name}_input.png").exists() and (out / f"{name}_turntable.gif").exists()
+    summaries = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [s["glb"].endswith(".glb") for s in summaries] == [True, True]
+    assert "encoder" in summaries[0]["timings_s"]
+
+
+def test_all_good_inputs_exit_zero(tiny_checkpoint, tmp_path):
+    proc = run_cli("image", ROOT / "examples" / "pawn.png", "-o", tmp_path, "--model", tiny_checkpoint,
+                   "--resolution", 64, "--threshold", "auto", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "pawn.glb").stat().st_size > 1000
+
+
+def test_unavailable_checkpoint_is_one_clear_line_and_exit_2(tmp_path):
+    proc = run_cli("image", ROOT / "examples" / "duck.png", "--model", "zxhezexin/openlrm-obj-small-1.1", "--offline",
+                   cwd=tmp_path)
+    assert proc.returncode == 2
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("recon3d: error:")]
+    assert len(errors) == 1 and "not in the local cache" in errors[0] and "hf download" in errors[0]
+
+
+def test_bad_resolution_is_refused_before_loading(tmp_path):
+    proc = run_cli("image", ROOT / "examples" / "duck.png", "--resolution", 9999, "--random-weights", cwd=tmp_path)
+    assert proc.returncode == 2 and "between 64 and 512" in proc.stderr
