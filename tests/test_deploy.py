@@ -1,0 +1,66 @@
+"""Deployment manifests: the Spaces front matter of README.md and the Deta v0 Spacefile."""
+
+import re
+
+import yaml
+from PIL import Image
+
+from recon3d.checkpoints import OPENLRM_CHECKPOINTS
+
+from conftest import ROOT
+
+
+def front_matter():
+    text = (ROOT / "README.md").read_text()
+    match = re.match(r"^---\n(.*?)\n---\n", text, re.S)
+    assert match, "README.md must start with YAML front matter"
+    return yaml.safe_load(match.group(1)), text[match.end():]
+
+
+def test_spaces_front_matter_pins_gradio_and_preloads_every_checkpoint():
+    meta, _ = front_matter()
+    requirements = (ROOT / "requirements.txt").read_text()
+    assert meta["sdk"] == "gradio" and f"gradio=={meta['sdk_version']}" in requirements
+    assert meta["app_file"] == "app.py" and (ROOT / meta["app_file"]).exists()
+    assert meta["suggested_hardware"] == "a100-large"
+    repos = {c.repo_id for c in OPENLRM_CHECKPOINTS}
+    assert set(meta["models"]) == repos
+    assert {entry.split()[0] for entry in meta["preload_from_hub"]} == repos
+    assert all(entry.split()[1] == "config.json,model.safetensors" for entry in meta["preload_from_hub"])
+
+
+def test_readme_begins_with_install_run_and_test_commands():
+    _, body = front_matter()
+    block = re.search(r"```bash\n(.*?)```", body, re.S).group(1)
+    commands = [line.split("#")[0].strip() for line in block.strip().splitlines()]
+    assert commands[0].startswith("pip install -r requirements.txt")
+    assert commands[1] == "python app.py" and commands[2] == "python -m pytest"
+    assert "python -m pytest" in (ROOT / ".ci" / "run").read_text().splitlines()[-1]
+
+
+# The constraints of the Deta Spacefile v0 JSON schema (public: deta/schemas, spacefile.v0.schema.json).
+SPACEFILE_KEYS = {"v", "icon", "app_name", "micros"}
+MICRO_KEYS = {"name", "src", "engine", "primary", "path", "serve", "commands", "include", "run", "dev", "presets",
+              "public_routes", "public", "actions"}
+ENGINES = {"static", "react", "svelte", "vue", "next", "nuxt", "svelte-kit", "python3.9", "python3.8", "nodejs16", "custom"}
+
+
+def test_spacefile_is_valid_deta_v0():
+    spacefile = yaml.safe_load((ROOT / "Spacefile").read_text())
+    assert set(spacefile) <= SPACEFILE_KEYS and spacefile["v"] == 0
+    assert len(spacefile.get("app_name", "")) <= 12
+    assert 1 <= len(spacefile["micros"]) <= 5
+    icon = Image.open(ROOT / spacefile["icon"])
+    assert icon.format in ("PNG", "WEBP") and icon.size == (512, 512)
+    for micro in spacefile["micros"]:
+        assert set(micro) <= MICRO_KEYS and {"name", "src", "engine"} <= set(micro)
+        assert re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9_-]*", micro["name"])
+        assert micro["engine"] in ENGINES
+        assert ("serve" in micro) == (micro["engine"] in {"static", "react", "vue", "svelte"})
+        assert not ("public" in micro and "public_routes" in micro)
+        assert isinstance(micro.get("commands", ["x"]), list) and micro.get("commands", ["x"])
+        for env in micro.get("presets", {}).get("env", []):
+            assert set(env) <= {"name", "description", "default"} and "name" in env
+            assert isinstance(env.get("default", ""), str)
+        if micro["engine"] == "custom":
+            assert "run" in micro and "app.py" in micro["run"]
