@@ -32,10 +32,9 @@ import torch
 
 from recon3d import ImageTo3D, ImageTo3DOptions
 from recon3d.mesh import MIN_RESOLUTION, EmptyMeshError, coarse_to_fine_grid
-from recon3d.models.lrm import TINY_CONFIG, LRMConfig
+from recon3d.models.lrm import PUBLISHED_CONFIGS, TINY_CONFIG, LRMConfig
 
 REPO = Path(__file__).resolve().parents[1]
-CHECKPOINTS = REPO.parent / "shared" / "checkpoints"
 STAGES = ("preprocess", "encoder", "transformer", "grid_queries", "marching_cubes", "vertex_colors", "glb_write")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OOM_ERRORS = (torch.OutOfMemoryError, MemoryError)
@@ -43,27 +42,17 @@ TARGET_GPU_SECONDS = 1.0  # image -> GLB, base, 256^3, on a GPU
 TARGET_QUERY_RATIO = 5.0  # dense / coarse-to-fine queries at 256^3
 EXAMPLE_LEVEL = 200.0  # ShadedSDF density is 400 * sigmoid(-150 d): 200 is the zero set of the SDF
 WARMUP_RESOLUTION = MIN_RESOLUTION
-FALLBACK_CONFIGS = {  # the published configs, for when ../shared/checkpoints is missing
-    "small": {},
-    "base": dict(transformer_dim=768, transformer_layers=12, transformer_heads=12, triplane_dim=48,
-                 encoder_model_name="dinov2_vitb14_reg", encoder_feat_dim=768),
-    "large": dict(transformer_dim=1024, transformer_layers=16, transformer_heads=16, triplane_dim=80,
-                  encoder_model_name="dinov2_vitb14_reg", encoder_feat_dim=768, rendering_samples_per_ray=128),
-}
 
 
 # ----------------------------------------------------------------------------- configs and machine
 
 def load_config(size: str) -> tuple[LRMConfig, str]:
-    """The published config of ``size`` (small, base, large or tiny) and where it came from."""
+    """The published config of ``size`` (small, base, large) or the tiny test config, and its name."""
     if size == "tiny":
         return TINY_CONFIG, "recon3d.models.lrm.TINY_CONFIG"
-    path = CHECKPOINTS / f"openlrm-{size}-1.1.json"
-    if path.is_file():
-        return LRMConfig.from_dict(json.loads(path.read_text())["config"], str(path)), str(path)
-    if size not in FALLBACK_CONFIGS:
-        raise SystemExit(f"unknown size {size!r}: expected one of tiny, {', '.join(FALLBACK_CONFIGS)}")
-    return LRMConfig(**FALLBACK_CONFIGS[size]), "built-in fallback"
+    if size not in PUBLISHED_CONFIGS:
+        raise SystemExit(f"unknown size {size!r}: expected one of tiny, {', '.join(PUBLISHED_CONFIGS)}")
+    return PUBLISHED_CONFIGS[size], f"recon3d.models.lrm.PUBLISHED_CONFIGS[{size!r}]"
 
 
 def cpu_name() -> str:

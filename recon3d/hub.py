@@ -30,9 +30,12 @@ class CheckpointFiles:
 
 
 def hub_reachable(timeout: float = 2.0) -> bool:
-    """One quick probe of the Hub endpoint, so callers decide once instead of paying retries per file."""
+    """One quick probe of the Hub endpoint, so callers decide once instead of paying retries per file.
+    False without probing when HF_HUB_OFFLINE is set."""
     from huggingface_hub import constants
 
+    if constants.HF_HUB_OFFLINE:
+        return False
     url = urlparse(constants.ENDPOINT)
     try:
         with socket.create_connection((url.hostname, url.port or 443), timeout=timeout):

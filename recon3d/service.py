@@ -13,12 +13,12 @@ import torch
 
 from .checkpoints import OPENLRM_CHECKPOINTS
 from .hub import CheckpointError, hub_reachable
-from .models.lrm import TINY_CONFIG, LRMConfig
+from .models.lrm import PUBLISHED_CONFIGS, TINY_CONFIG
 from .pipelines.image_to_3d import ImageTo3D
 
 RANDOM_CHOICES = {
     "random-tiny (random weights)": TINY_CONFIG,
-    "random-small (random weights, OpenLRM small shapes)": LRMConfig(),
+    "random-small (random weights, OpenLRM small shapes)": PUBLISHED_CONFIGS["small"],
 }
 
 

@@ -26,12 +26,11 @@ def free_port():
         return s.getsockname()[1]
 
 
-@pytest.fixture(scope="module")
-def app_url(tmp_path_factory):
+def launch_app(tmp_path_factory, *flags):
     port = free_port()
     log = open(tmp_path_factory.mktemp("app") / "app.log", "w")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), "--random-weights", "--port", str(port)],
+    proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *flags, "--port", str(port)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
     deadline = time.time() + 120
@@ -45,9 +44,32 @@ def app_url(tmp_path_factory):
     else:
         proc.kill()
         pytest.fail("the app did not start within 120 s")
+    return proc, url
+
+
+@pytest.fixture(scope="module")
+def app_url(tmp_path_factory):
+    proc, url = launch_app(tmp_path_factory, "--random-weights")
     yield url
     proc.terminate()
     proc.wait(timeout=30)
+
+
+def test_without_reachable_weights_the_page_says_so_and_generate_explains(tmp_path_factory):
+    from gradio_client import Client, handle_file
+
+    proc, url = launch_app(tmp_path_factory)  # the tests run with HF_HUB_OFFLINE=1 and an empty Hub cache
+    try:
+        page = urllib.request.urlopen(url, timeout=10).read().decode()
+        assert "Hub is unreachable" in page and "CC BY-NC 4.0" in page
+        client = Client(url, verbose=False)
+        with pytest.raises(Exception, match="openlrm-mix-base-1.1 is not in the local cache.*hf download"):
+            client.predict(handle_file(str(ROOT / "examples" / "duck.png")), "zxhezexin/openlrm-mix-base-1.1",
+                           True, 0.8, 64, True, api_name="/image_to_3d")
+        assert proc.poll() is None  # still serving
+    finally:
+        proc.terminate()
+        proc.wait(timeout=30)
 
 
 def test_named_endpoint_returns_a_valid_glb_and_survives_bad_input(app_url, tmp_path):

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from recon3d.cameras import lrm_source_camera
 from recon3d.models.dinov2 import DinoV2, ViTSpec
-from recon3d.models.lrm import LRM, TINY_CONFIG, LRMConfig, ModLN, PlaneDecoder, random_lrm
+from recon3d.models.lrm import LRM, PUBLISHED_CONFIGS, TINY_CONFIG, LRMConfig, ModLN, PlaneDecoder, random_lrm
 
 MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "checkpoints"
 
@@ -19,6 +19,7 @@ def test_published_configs_match_the_manifests_exactly(size, source_size):
     manifest = json.loads((MANIFESTS / f"openlrm-{size}-1.1.json").read_text())
     cfg = LRMConfig.from_dict(manifest["config"])
     assert cfg.to_dict() == manifest["config"]  # config.json round-trips unchanged
+    assert PUBLISHED_CONFIGS[size] == cfg
     with torch.device("meta"):  # no weights allocated
         model = LRM(cfg)
     ours = [(name, list(t.shape)) for name, t in model.state_dict().items()]

@@ -229,6 +229,14 @@ def random_lrm(cfg: LRMConfig, seed: int = 0) -> LRM:
     return model.eval()
 
 
+# The config.json of each published size (tests check them against the tensor manifests).
+PUBLISHED_CONFIGS = {
+    "small": LRMConfig(),
+    "base": LRMConfig(transformer_dim=768, transformer_heads=12, triplane_dim=48,
+                      encoder_model_name="dinov2_vitb14_reg", encoder_feat_dim=768),
+    "large": LRMConfig(rendering_samples_per_ray=128, transformer_dim=1024, transformer_layers=16, transformer_heads=16,
+                       triplane_dim=80, encoder_model_name="dinov2_vitb14_reg", encoder_feat_dim=768),
+}
 TINY_CONFIG = LRMConfig(camera_embed_dim=32, transformer_dim=32, transformer_layers=2, transformer_heads=2,
                         triplane_low_res=8, triplane_high_res=16, triplane_dim=8, encoder_model_name="tiny_vit14_reg",
                         encoder_feat_dim=24, rendering_samples_per_ray=32, source_size=56, render_size=48)
