@@ -143,6 +143,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     service = ModelService(ServiceSettings(random_weights=args.random_weights, device=args.device, dtype=args.dtype))
+    service.warm_up()
     demo = build_app(service)
     demo.queue(max_size=args.max_queue, default_concurrency_limit=1)
     demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(SESSIONS_DIR)],

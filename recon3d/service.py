@@ -46,6 +46,19 @@ class ModelService:
         self._loaded: OrderedDict[str, ImageTo3D] = OrderedDict()
         self._lock = threading.Lock()
 
+    def warm_up(self) -> threading.Thread:
+        """Import the background remover in the background: its first import compiles numba code (about a
+        minute on a fresh install), which the first visitor should not wait for."""
+        def work() -> None:
+            try:
+                import rembg  # noqa: F401
+            except ImportError:
+                pass
+
+        thread = threading.Thread(target=work, name="recon3d-warm-up", daemon=True)
+        thread.start()
+        return thread
+
     def lrm_choices(self) -> list[tuple[str, str]]:
         """(label, value) pairs for a dropdown."""
         if self.settings.random_weights:

@@ -130,3 +130,21 @@ def wait_for_mesh_pixels(page, canvas, timeout=60.0):
             break
         time.sleep(0.5)
     return centre
+
+
+def test_session_folders_are_per_session_and_removed_on_unload(monkeypatch, tmp_path):
+    import importlib
+
+    sys.path.insert(0, str(ROOT))
+    app = importlib.import_module("app")
+    monkeypatch.setattr(app, "SESSIONS_DIR", tmp_path)
+
+    class Request:  # the two gr.Request attributes the handlers use
+        def __init__(self, session_hash):
+            self.session_hash = session_hash
+
+    a, b = app.session_dir(Request("alice")), app.session_dir(Request("bob"))
+    (a / "mesh.glb").write_bytes(b"x")
+    assert a != b and a.parent == b.parent == tmp_path
+    app.remove_session_dir(Request("alice"))
+    assert not a.exists() and b.exists()
