@@ -93,3 +93,12 @@ def test_pytorch_bin_fallback(tiny_checkpoint, tmp_path):
 def test_compare_state_dict_report():
     report = compare_state_dict({"a": (2,), "b": (3,)}, {"a": torch.zeros(2), "c": torch.zeros(1)})
     assert report.missing == ["b"] and report.unexpected == ["c"] and not report.ok
+
+
+def test_revisions_resolve_through_the_cache(tiny_repo_in_cache):
+    from conftest import TINY_COMMIT
+
+    assert TINY_COMMIT in str(resolve_checkpoint(tiny_repo_in_cache, revision="main", offline=True).weights)
+    assert TINY_COMMIT in str(resolve_checkpoint(tiny_repo_in_cache, revision=TINY_COMMIT, offline=True).weights)
+    with pytest.raises(CheckpointError, match="recon3d-test/tiny-lrm@v9 is not in the local cache"):
+        resolve_checkpoint(tiny_repo_in_cache, revision="v9", offline=True)

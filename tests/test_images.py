@@ -95,3 +95,32 @@ def test_arrays_and_bytes_are_accepted():
     array = np.zeros((40, 50, 3), np.float32) + 0.5
     assert load_image(array).size == (50, 40)
     assert load_image(png_bytes(Image.new("RGB", (33, 34)))).mode == "RGBA"
+
+
+def test_background_remover_output_is_used_when_the_model_loads(monkeypatch):
+    """The wiring around rembg: its cut-out (a fake one here) becomes the alpha that is cropped and recentred."""
+    import rembg
+
+    def fake_remove(image, session):
+        array = np.asarray(image.convert("RGBA")).copy()
+        array[..., 3] = 0
+        array[10:30, 20:60, 3] = 255  # the "object": 40 x 20 px
+        return Image.fromarray(array)
+
+    monkeypatch.setattr(rembg, "new_session", lambda name: object())
+    monkeypatch.setattr(rembg, "remove", fake_remove)
+    prepared = prepare_image(Image.new("RGB", (100, 100), (0, 90, 0)), size=50, foreground_ratio=0.5,
+                             remove_background=BackgroundRemover(offline=False))
+    assert prepared.background_removed and not prepared.notes
+    mask = np.asarray(prepared.foreground_mask) > 128
+    cols = np.nonzero(mask.any(0))[0]
+    assert cols.max() - cols.min() + 1 == pytest.approx(25, abs=2)  # the longer side fills half of 50 px
+
+
+def test_exif_orientation_is_applied(tmp_path):
+    image = Image.new("RGB", (80, 40), (255, 0, 0))
+    exif = image.getexif()
+    exif[0x0112] = 6  # rotated 90 degrees: the photo is really 40 wide and 80 high
+    path = tmp_path / "phone.jpg"
+    image.save(path, exif=exif)
+    assert load_image(path).size == (40, 80)

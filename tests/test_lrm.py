@@ -98,3 +98,33 @@ def test_camera_conditions_the_planes_and_seeds_reproduce():
     images = torch.rand(1, 3, 56, 56)
     near, far = a.forward_planes(images, lrm_source_camera(1.5)[None]), a.forward_planes(images, lrm_source_camera(2.5)[None])
     assert not torch.allclose(near, far)
+
+
+def attention_by_hand(x, context, w_q, w_k, w_v, w_o, heads):
+    """Multi-head attention written out: softmax(q k^T / sqrt(d)) v, no biases."""
+    n, length, dim = x.shape
+    q, k, v = x @ w_q.T, context @ w_k.T, context @ w_v.T
+
+    def split(t):
+        return t.reshape(n, t.shape[1], heads, dim // heads).transpose(1, 2)
+
+    weights = torch.softmax(split(q) @ split(k).transpose(-1, -2) / (dim // heads) ** 0.5, -1)
+    return (weights @ split(v)).transpose(1, 2).reshape(n, length, dim) @ w_o.T
+
+
+def test_conditioned_block_is_cross_then_self_then_mlp_with_raw_encoder_keys():
+    from recon3d.models.lrm import ConditionedBlock
+
+    torch.manual_seed(0)
+    block = ConditionedBlock(dim=16, heads=2, cond_dim=8, context_dim=12).eval()  # context width != dim (small/large)
+    x, context, cond = torch.randn(2, 5, 16), torch.randn(2, 7, 12), torch.randn(2, 8)
+    cross, self_attn = block.cross_attn, block.self_attn
+    h = x + attention_by_hand(block.norm1(x, cond), context, cross.q_proj_weight, cross.k_proj_weight,
+                              cross.v_proj_weight, cross.out_proj.weight, 2)
+    w_q, w_k, w_v = self_attn.in_proj_weight.chunk(3)
+    normed = block.norm2(h, cond)
+    h = h + attention_by_hand(normed, normed, w_q, w_k, w_v, self_attn.out_proj.weight, 2)
+    mlp = block.mlp
+    h = h + mlp[3](F.gelu(mlp[0](block.norm3(h, cond))))
+    with torch.no_grad():
+        assert torch.allclose(block(x, context, cond), h, atol=1e-5)
