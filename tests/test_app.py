@@ -88,11 +88,15 @@ def test_named_endpoint_returns_a_valid_glb_and_survives_bad_input(app_url, tmp_
     assert "encoder" in timings and "Random weights" in timings
 
 
-def test_real_browser_shows_the_mesh(app_url, tmp_path):
+def require_chromium():
     if not os.path.exists(CHROMIUM):
         if os.environ.get("CI"):
             pytest.fail(f"Chromium is missing at {CHROMIUM}: .ci/run must install it")
         pytest.skip("Chromium is not installed (apt-get install chromium)")
+
+
+def test_real_browser_shows_the_mesh(app_url, tmp_path):
+    require_chromium()
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as p:
@@ -111,12 +115,21 @@ def test_real_browser_shows_the_mesh(app_url, tmp_path):
             page.screenshot(path=str(tmp_path / "app.png"))
         finally:
             browser.close()
-    background = np.array([0.85, 0.85, 0.85]) * 255
-    assert np.abs(centre.reshape(-1, 3) - background).max(axis=1).mean() > 20, "centre of the viewer shows no mesh"
+    assert shows_mesh(centre), "the centre of the viewer shows no mesh"
+
+
+CLEAR = np.array([0.85, 0.85, 0.85]) * 255  # the viewer's clear colour
+WHITE = np.array([255.0, 255.0, 255.0])  # the canvas before its first frame
+
+
+def shows_mesh(pixels) -> bool:
+    """True when most pixels differ from both the empty viewer and the blank canvas."""
+    flat = pixels.reshape(-1, 3)
+    return all(np.abs(flat - empty).max(axis=1).mean() > 20 for empty in (CLEAR, WHITE))
 
 
 def wait_for_mesh_pixels(page, canvas, timeout=60.0):
-    """Poll screenshots of the canvas centre until it differs from the clear colour (or time runs out)."""
+    """Poll screenshots of the canvas until its centre shows a mesh; return the centre patch (30 x 30 x 3)."""
     from io import BytesIO
 
     from PIL import Image
@@ -126,7 +139,7 @@ def wait_for_mesh_pixels(page, canvas, timeout=60.0):
         shot = np.asarray(Image.open(BytesIO(canvas.screenshot())).convert("RGB"), dtype=float)
         h, w = shot.shape[:2]
         centre = shot[h // 2 - 15:h // 2 + 15, w // 2 - 15:w // 2 + 15]
-        if np.abs(centre.reshape(-1, 3) - np.array([0.85, 0.85, 0.85]) * 255).max(axis=1).mean() > 20:
+        if shows_mesh(centre):
             break
         time.sleep(0.5)
     return centre
@@ -148,3 +161,50 @@ def test_session_folders_are_per_session_and_removed_on_unload(monkeypatch, tmp_
     assert a != b and a.parent == b.parent == tmp_path
     app.remove_session_dir(Request("alice"))
     assert not a.exists() and b.exists()
+
+
+class FrontRedTopGreen:
+    """A sphere whose front half (world -y, the side a source photo shows) is red, back blue, top tinted green."""
+
+    def query(self, points):
+        import torch
+
+        density = 3 + 10 * (0.6 - points.norm(dim=-1, keepdim=True))
+        front, top = (points[:, 1:2] < 0).float(), (points[:, 2:3] > 0.3).float()
+        return density, torch.cat([front, top, 1 - front], -1)
+
+
+def test_viewer_shows_the_front_upright(tmp_path):
+    """Our GLB in gr.Model3D's default camera: the front (red) faces the viewer and the top (yellow) is up."""
+    require_chromium()
+    import gradio as gr
+    from playwright.sync_api import sync_playwright
+
+    from recon3d.mesh import MeshSettings, extract_mesh
+
+    glb = extract_mesh(FrontRedTopGreen(), MeshSettings(resolution=64))[0].save_glb(tmp_path / "orient.glb")
+    with gr.Blocks() as demo:
+        gr.Model3D(value=str(glb), clear_color=(0.85, 0.85, 0.85, 1.0), height=420, elem_id="viewer")
+    _, url, _ = demo.launch(server_port=free_port(), prevent_thread_lock=True, allowed_paths=[str(tmp_path)])
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+            page = browser.new_page(viewport={"width": 900, "height": 700})
+            page.goto(url, wait_until="domcontentloaded")
+            canvas = page.locator("#viewer canvas")
+            canvas.wait_for(state="visible", timeout=60000)
+            centre = wait_for_mesh_pixels(page, canvas)
+            from io import BytesIO
+
+            from PIL import Image
+
+            shot = np.asarray(Image.open(BytesIO(canvas.screenshot())).convert("RGB"), dtype=float)
+            browser.close()
+    finally:
+        demo.close()
+    h, w = shot.shape[:2]
+    red = centre.reshape(-1, 3).mean(0)
+    assert red[0] > 150 and red[2] < 100, f"centre is not the red front: {red}"
+    column = shot[: h // 2, w // 2 - 5:w // 2 + 5].reshape(-1, 3)
+    yellow = (column[:, 0] > 150) & (column[:, 1] > 150) & (column[:, 2] < 100)
+    assert yellow.sum() > 20, "no yellow top above the centre: the model is not upright"
