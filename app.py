@@ -61,7 +61,7 @@ def timings_table(result) -> str:
 def make_image_to_3d_handler(service: ModelService):
     @gpu_task
     def image_to_3d(image_path, checkpoint, remove_background, foreground_ratio, mesh_resolution,
-                    remove_floaters=True, request: gr.Request = None):
+                    remove_floaters=True, request: gr.Request = None, progress=gr.Progress()):
         """Reconstruct a textured mesh from one image. Returns the processed input, the GLB (viewer and file)
         and a table of stage timings."""
         if not image_path:
@@ -73,6 +73,7 @@ def make_image_to_3d_handler(service: ModelService):
             pipe = service.image_to_3d(checkpoint)
             result = None
             for event in pipe.run(image_path, options):
+                progress(event.fraction, desc=event.message)
                 result = event.result or result
         except (CheckpointError, ImageError, EmptyMeshError, ValueError) as exc:
             raise gr.Error(str(exc)) from None

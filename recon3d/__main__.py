@@ -74,6 +74,7 @@ def load_pipeline(args: argparse.Namespace):
 
 
 def run_image(args: argparse.Namespace) -> int:
+    import torch
     from tqdm import tqdm
 
     from .pipelines.image_to_3d import ImageTo3DOptions
@@ -101,6 +102,10 @@ def run_image(args: argparse.Namespace) -> int:
         except (ImageError, EmptyMeshError, ValueError, OSError) as exc:
             failures += 1
             bar.write(f"recon3d: {path}: refused: {exc}", file=sys.stderr)
+        except torch.OutOfMemoryError:
+            failures += 1
+            torch.cuda.empty_cache()
+            bar.write(f"recon3d: {path}: out of memory: try a lower --resolution or --dtype float16", file=sys.stderr)
         finally:
             bar.close()
     return 1 if failures else 0

@@ -208,3 +208,32 @@ def test_viewer_shows_the_front_upright(tmp_path):
     column = shot[: h // 2, w // 2 - 5:w // 2 + 5].reshape(-1, 3)
     yellow = (column[:, 0] > 150) & (column[:, 1] > 150) & (column[:, 2] < 100)
     assert yellow.sum() > 20, "no yellow top above the centre: the model is not upright"
+
+
+class OutOfMemoryPipe:
+    random_weights = False
+
+    def run(self, image, options):
+        import torch
+
+        yield from ()
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+
+def test_out_of_memory_becomes_a_clear_ui_error():
+    import importlib
+
+    import gradio as gr
+
+    sys.path.insert(0, str(ROOT))
+    app = importlib.import_module("app")
+
+    class Service:
+        def image_to_3d(self, name):
+            return OutOfMemoryPipe()
+
+    handler = app.make_image_to_3d_handler(Service())
+    with pytest.raises(gr.Error, match="Out of GPU memory: try a lower mesh resolution"):
+        handler(str(ROOT / "examples" / "duck.png"), "any", True, 0.8, 256, True, progress=lambda *a, **k: None)
+    with pytest.raises(gr.Error, match="Upload an image first"):
+        handler(None, "any", True, 0.8, 256, True, progress=lambda *a, **k: None)

@@ -47,3 +47,19 @@ def test_unavailable_checkpoint_is_one_clear_line_and_exit_2(tmp_path):
 def test_bad_resolution_is_refused_before_loading(tmp_path):
     proc = run_cli("image", ROOT / "examples" / "duck.png", "--resolution", 9999, "--random-weights", cwd=tmp_path)
     assert proc.returncode == 2 and "between 64 and 512" in proc.stderr
+
+
+def test_out_of_memory_on_one_input_is_reported_and_the_exit_code_is_1(monkeypatch, tmp_path, capsys):
+    import torch
+
+    from recon3d import __main__ as cli
+
+    class Pipe:
+        def run(self, path, options):
+            yield from ()
+            raise torch.OutOfMemoryError("CUDA out of memory")
+
+    monkeypatch.setattr(cli, "load_pipeline", lambda args: Pipe())
+    code = cli.main(["image", str(ROOT / "examples" / "duck.png"), "-o", str(tmp_path)])
+    assert code == 1
+    assert "duck.png: out of memory: try a lower --resolution" in capsys.readouterr().err
