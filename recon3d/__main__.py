@@ -38,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="drop detached parts smaller than FRACTION of the largest (0: keep all, 1: largest only)")
     image.add_argument("--turntable", action="store_true", help="also write a turntable GIF per image")
     image.add_argument("--turntable-frames", type=int, default=24, help="frames of the turntable (default 24)")
-    image.add_argument("--turntable-size", type=int, default=192, help="turntable frame size in pixels (default 192)")
+    image.add_argument("--turntable-size", type=int, default=None, help="frame size in pixels (default: the checkpoint's render size)")
     image.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
     image.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float16 on GPU, float32 on CPU")
     image.add_argument("--offline", action="store_true", help="use the local Hub cache only")

@@ -56,6 +56,9 @@ def test_turntable_frames_differ_and_frame_zero_is_the_source_view(pipe, tmp_pat
     assert np.abs(arrays[0] - arrays[1]).mean() > 0.5
     gif = result.save_turntable(tmp_path / "t.gif", frames=3, size=32)
     assert Image.open(gif).n_frames == 3
+    # the checkpoint's own sampling (32 samples per ray, split coarse/fine) and render size (48)
+    assert (result.render_settings.coarse_samples, result.render_settings.fine_samples) == (16, 16)
+    assert result.render_size == 48
 
 
 def test_random_pipeline_is_labelled_and_meshes_its_largest_part(tmp_path):

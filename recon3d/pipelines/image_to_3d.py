@@ -50,6 +50,8 @@ class ImageTo3DResult:
     timings: dict[str, float]
     stats: dict = field(default_factory=dict)
     notes: list[str] = field(default_factory=list)
+    render_settings: RenderSettings = field(default_factory=RenderSettings)  # the checkpoint's samples per ray
+    render_size: int = 192  # the checkpoint's training render size
 
     @property
     def processed_image(self) -> Image.Image:
@@ -58,10 +60,10 @@ class ImageTo3DResult:
     def save_glb(self, path: str | Path) -> Path:
         return self.mesh.save_glb(path)
 
-    def render_turntable(self, frames: int = 24, size: int = 192, elevation_deg: float = 23.6,
+    def render_turntable(self, frames: int = 24, size: int | None = None, elevation_deg: float = 23.6,
                          distance: float = 2.0, fov_deg: float = 50.0, settings: RenderSettings | None = None) -> list[Image.Image]:
-        """Frames around the object; frame 0 faces the source view."""
-        settings = settings or RenderSettings()
+        """Frames around the object (radius 2, elevation 23.6 deg as in LRM's demo); frame 0 faces the source view."""
+        settings, size = settings or self.render_settings, size or self.render_size
         intrinsics = cameras.intrinsics_from_fov(fov_deg)
         images = []
         for c2w in cameras.orbit_cameras(frames, elevation_deg, distance):
@@ -69,7 +71,7 @@ class ImageTo3DResult:
             images.append(Image.fromarray((rgb.clamp(0, 1).numpy() * 255 + 0.5).astype("uint8")))
         return images
 
-    def save_turntable(self, path: str | Path, frames: int = 24, size: int = 192) -> Path:
+    def save_turntable(self, path: str | Path, frames: int = 24, size: int | None = None) -> Path:
         """An animated GIF (or WebP, by suffix) of :meth:`render_turntable`."""
         images = self.render_turntable(frames, size)
         images[0].save(path, save_all=True, append_images=images[1:], duration=80, loop=0)
@@ -136,5 +138,8 @@ class ImageTo3D:
         mesh, grid = extract_mesh(field_, mesh_settings, timings)
         stats = {"vertices": len(mesh.vertices), "faces": len(mesh.faces), "field_queries": grid.queries,
                  "dense_queries": options.mesh_resolution ** 3, **grid.stats}
-        result = ImageTo3DResult(prepared, planes, mesh, field_, timings, stats, list(prepared.notes))
+        samples = self.model.config.rendering_samples_per_ray
+        result = ImageTo3DResult(prepared, planes, mesh, field_, timings, stats, list(prepared.notes),
+                                 RenderSettings(coarse_samples=samples // 2, fine_samples=samples - samples // 2),
+                                 self.model.config.sizes[1])
         yield Progress("done", 1.0, f"{len(mesh.faces):,} triangles", result=result)
