@@ -7,6 +7,7 @@ Every failure is a :class:`CheckpointError` whose message names the checkpoint a
 from __future__ import annotations
 
 import json
+import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -15,6 +16,7 @@ from urllib.parse import urlparse
 import torch
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
 class CheckpointError(RuntimeError):
@@ -52,7 +54,7 @@ def resolve_checkpoint(repo_or_folder: str | Path, revision: str | None = None, 
     folder = Path(repo_or_folder).expanduser()
     if folder.is_dir():
         return _from_folder(folder, str(repo_or_folder))
-    if folder.exists() or str(repo_or_folder).count("/") != 1:
+    if folder.exists() or not REPO_ID.fullmatch(str(repo_or_folder)):
         raise CheckpointError(f"{repo_or_folder!r} is neither a checkpoint folder nor a Hub repo id (owner/name)")
     return _from_hub(str(repo_or_folder), revision, offline)
 

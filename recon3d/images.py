@@ -133,6 +133,10 @@ class BackgroundRemover:
         return remove(image.convert("RGB"), session=self._session).convert("RGBA")
 
 
+def has_foreground(image: Image.Image, threshold: int = 128) -> bool:
+    return image.getchannel("A").getextrema()[1] >= threshold
+
+
 def foreground_bbox(alpha: np.ndarray, threshold: int = 128) -> tuple[int, int, int, int]:
     """(top, left, bottom, right) exclusive bounds of alpha >= threshold."""
     rows, cols = np.nonzero(alpha >= threshold)
@@ -172,6 +176,8 @@ def prepare_image(source: ImageInput, size: int, foreground_ratio: float = 0.8,
             notes.append(remove_background.unavailable_reason)
         else:
             image, removed = cut, True
+    if removed and not has_foreground(image):
+        raise ImageError("background removal found no object in the image; turn it off to use the whole image")
     if had_alpha or removed:
         image = recentre(image, foreground_ratio)
     else:

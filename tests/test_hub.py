@@ -33,9 +33,10 @@ def test_uncached_repo_offline_gives_one_actionable_line():
     assert "zxhezexin/openlrm-mix-base-1.1" in message and "hf download" in message and "folder" in message
 
 
-def test_not_a_folder_nor_a_repo_id():
+@pytest.mark.parametrize("name", ["no/such/thing/here", "./ckpt", "~/models", "plainname"])
+def test_not_a_folder_nor_a_repo_id(name):
     with pytest.raises(CheckpointError, match="neither a checkpoint folder nor a Hub repo id"):
-        resolve_checkpoint("no/such/thing/here")
+        resolve_checkpoint(name)
 
 
 def test_folder_without_weights_is_refused(tmp_path):

@@ -124,3 +124,12 @@ def test_exif_orientation_is_applied(tmp_path):
     path = tmp_path / "phone.jpg"
     image.save(path, exif=exif)
     assert load_image(path).size == (40, 80)
+
+
+def test_background_removal_that_finds_nothing_says_so(monkeypatch):
+    import rembg
+
+    monkeypatch.setattr(rembg, "new_session", lambda name: object())
+    monkeypatch.setattr(rembg, "remove", lambda image, session: Image.new("RGBA", image.size, (0, 0, 0, 0)))
+    with pytest.raises(ImageError, match="background removal found no object"):
+        prepare_image(Image.new("RGB", (64, 64), (9, 9, 9)), size=32, remove_background=BackgroundRemover())
