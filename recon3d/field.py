@@ -16,7 +16,8 @@ PlaneDecoder = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.
 
 
 class Field(Protocol):
-    """Anything with ``query(points (P, 3)) -> (density (P, 1), rgb (P, 3))``."""
+    """Anything with ``query(points (P, 3)) -> (density (P, 1), rgb (P, 3))``. A field may also have a
+    ``device`` attribute: grid work then runs there (default CPU)."""
 
     def query(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
 
@@ -49,6 +50,10 @@ class TriplaneField:
             raise ValueError(f"expected planes of shape (1, 3, C, H, W), got {tuple(planes.shape)}")
         self.planes = planes
         self.decode = decode
+
+    @property
+    def device(self) -> torch.device:
+        return self.planes.device
 
     @torch.no_grad()
     def query(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -29,6 +29,7 @@ class DensityGrid:
     values: torch.Tensor  # (R, R, R) density, index order (x, y, z), on CPU, float32
     queries: int  # how many field queries built it
     stats: dict = dataclass_field(default_factory=dict)
+    exact: torch.Tensor | None = None  # (R, R, R) bool: where values are field queries (None: everywhere)
 
     @property
     def resolution(self) -> int:
@@ -71,9 +72,35 @@ def grid_points(index: torch.Tensor, resolution: int) -> torch.Tensor:
     return index.to(torch.float32) * (2.0 / (resolution - 1)) - 1.0
 
 
+def field_device(field: Field) -> torch.device:
+    """Where a field computes (grid bookkeeping runs there too); CPU for fields that do not say."""
+    return torch.device(getattr(field, "device", "cpu"))
+
+
 def _query_density(field: Field, points: torch.Tensor, chunk: int) -> torch.Tensor:
-    out = [field.query(points[i:i + chunk])[0].reshape(-1).float().cpu() for i in range(0, points.shape[0], chunk)]
-    return torch.cat(out) if out else torch.zeros(0)
+    """Densities (P,) on the field's device."""
+    device = field_device(field)
+    out = [field.query(points[i:i + chunk])[0].reshape(-1).float().to(device) for i in range(0, points.shape[0], chunk)]
+    return torch.cat(out) if out else torch.zeros(0, device=device)
+
+
+def _points_near_cells(cells: torch.Tensor, stride: int, resolution: int) -> torch.Tensor:
+    """(C, C, C) bool coarse cells -> (R, R, R) bool fine points touched by any set cell.
+
+    Along an axis a fine point either lies on a coarse boundary (touched by two cells) or inside one cell.
+    Interleaving boundary and interior flags gives a (2C+1)^3 table, which one gather expands to (R, R, R).
+    """
+    table = cells
+    for axis in range(3):
+        x = table.movedim(axis, 0)  # (C, ...)
+        edge = torch.zeros_like(x[:1])
+        boundary = torch.cat([edge, x]) | torch.cat([x, edge])  # (C+1, ...): cells on either side
+        woven = torch.empty((2 * x.shape[0] + 1, *x.shape[1:]), dtype=torch.bool, device=x.device)
+        woven[0::2], woven[1::2] = boundary, x
+        table = woven.movedim(0, axis)
+    fine = torch.arange(resolution, device=cells.device)
+    half = torch.where(fine % stride == 0, 2 * (fine // stride), 2 * (fine // stride) + 1)
+    return table[half][:, half][:, :, half]
 
 
 def _lattice(size: int, stride: int, resolution: int) -> torch.Tensor:
@@ -86,7 +113,7 @@ def _lattice(size: int, stride: int, resolution: int) -> torch.Tensor:
 @torch.no_grad()
 def dense_grid(field: Field, resolution: int, chunk: int = 262144) -> DensityGrid:
     """Density at every point of the resolution^3 grid."""
-    values = _query_density(field, _lattice(resolution, 1, resolution), chunk)
+    values = _query_density(field, _lattice(resolution, 1, resolution), chunk).cpu()
     return DensityGrid(values.reshape(resolution, resolution, resolution), resolution ** 3)
 
 
@@ -98,10 +125,8 @@ def coarse_to_fine_grid(field: Field, resolution: int, level: float, stride: int
     coarse = _query_density(field, _lattice(cells + 1, stride, resolution), chunk).reshape((cells + 1,) * 3)
     active = _cells_crossing(coarse, level)  # (cells, cells, cells) bool
     active = F.max_pool3d(active[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0  # one cell of margin
-    fine_cells = active.repeat_interleave(stride, 0).repeat_interleave(stride, 1).repeat_interleave(stride, 2)
-    needed = F.max_pool3d(F.pad(fine_cells[None, None].float(), (1,) * 6), 2, stride=1)[0, 0] > 0  # (padded,)*3
+    needed = _points_near_cells(active, stride, resolution)  # (R, R, R) bool: evaluated exactly
     values = F.interpolate(coarse[None, None], size=(padded,) * 3, mode="trilinear", align_corners=True)[0, 0]
-    needed = needed[:resolution, :resolution, :resolution]
     values = values[:resolution, :resolution, :resolution].contiguous()
     queries = coarse.numel()
     for x0 in range(0, resolution, 16):  # slabs bound the memory of the index lists
@@ -110,7 +135,7 @@ def coarse_to_fine_grid(field: Field, resolution: int, level: float, stride: int
         values[index[:, 0], index[:, 1], index[:, 2]] = _query_density(field, grid_points(index, resolution), chunk)
         queries += index.shape[0]
     stats = {"coarse_queries": coarse.numel(), "active_cells": int(active.sum()), "cells": cells ** 3}
-    return DensityGrid(values, queries, stats)
+    return DensityGrid(values.cpu(), queries, stats, exact=needed.cpu())
 
 
 def _cells_crossing(corners: torch.Tensor, level: float) -> torch.Tensor:
@@ -136,28 +161,35 @@ def marching_cubes(grid: DensityGrid, level: float) -> tuple[np.ndarray, np.ndar
     if not values.min() < level < values.max():
         raise EmptyMeshError(f"the field has no surface at density {level:g} (grid range "
                              f"{values.min():.3g}..{values.max():.3g}); try a lower threshold")
-    # scikit-image winds faces outward for fields that are smaller inside, so negate the density.
-    verts, faces, _, _ = skimage_marching_cubes(-values, level=-level)
+    # scikit-image winds faces outward for fields that are smaller inside, so negate the density. Cells
+    # whose first corner was not evaluated exactly cannot hold the surface: the mask skips them.
+    mask = None if grid.exact is None else grid.exact.numpy()
+    verts, faces, _, _ = skimage_marching_cubes(-values, level=-level, mask=mask)
     verts = verts.astype(np.float32) * (2.0 / (grid.resolution - 1)) - 1.0
     return verts, faces.astype(np.int64)
 
 
-def remove_small_parts(grid: DensityGrid, level: float, min_fraction: float) -> int:
-    """Push connected inside regions smaller than ``min_fraction`` of the largest below ``level`` (floaters).
+def remove_small_parts(vertices: np.ndarray, faces: np.ndarray, min_fraction: float) -> tuple[np.ndarray, np.ndarray, int]:
+    """Drop connected parts with fewer than ``min_fraction`` of the largest part's faces (floaters).
 
-    Works on the grid, before marching cubes, so it costs one labelling pass. Returns how many parts it removed.
+    Works on the mesh's vertex graph (linear in faces), far cheaper than labelling the voxel grid.
+    Returns the kept vertices (re-indexed), faces, and how many parts were removed.
     """
-    from scipy import ndimage  # comes with scikit-image
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import connected_components
 
-    labels, count = ndimage.label((grid.values >= level).numpy())
-    if count <= 1:
-        return 0
-    sizes = np.bincount(labels.ravel())[1:]  # voxels per part
-    small = np.nonzero(sizes < min_fraction * sizes.max())[0] + 1
-    if small.size:
-        drop = torch.from_numpy(np.isin(labels, small))
-        grid.values[drop] = torch.clamp(grid.values[drop], max=level - 1e-3)
-    return int(small.size)
+    n = len(vertices)
+    edges = faces[:, [0, 1, 1, 2]].reshape(-1, 2)  # two edges per face connect all three corners
+    graph = coo_matrix((np.ones(len(edges), np.int8), (edges[:, 0], edges[:, 1])), shape=(n, n))
+    count, labels = connected_components(graph, directed=False)
+    face_part = labels[faces[:, 0]]
+    sizes = np.bincount(face_part, minlength=count)
+    keep_part = sizes >= min_fraction * sizes.max()
+    faces = faces[keep_part[face_part]]
+    used = np.zeros(n, bool)
+    used[faces.ravel()] = True
+    new_index = np.cumsum(used) - 1
+    return vertices[used], new_index[faces], int((~keep_part & (sizes > 0)).sum())
 
 
 class EmptyMeshError(ValueError):
@@ -225,7 +257,7 @@ class MeshSettings:
     resolution: int = 256
     level: float | None = 3.0  # density iso-level; None picks one from the grid (see auto_level)
     coarse_to_fine: bool = True
-    min_part_fraction: float = 0.0  # remove parts smaller than this fraction of the largest (1.0: largest only)
+    min_part_fraction: float = 0.0  # drop parts with fewer faces than this fraction of the largest (1: largest only)
     chunk: int = 262144
 
 
@@ -245,11 +277,11 @@ def extract_mesh(field: Field, settings: MeshSettings | None = None, timings: di
         grid = dense_grid(field, resolution, chunk=settings.chunk)
     grid.queries += calibration_queries
     grid.stats["level"] = level
-    if settings.min_part_fraction > 0:
-        grid.stats["parts_removed"] = remove_small_parts(grid, level, settings.min_part_fraction)
     timings["grid_queries"] = time.perf_counter() - start
     start = time.perf_counter()
     vertices, faces = marching_cubes(grid, level)
+    if settings.min_part_fraction > 0:
+        vertices, faces, grid.stats["parts_removed"] = remove_small_parts(vertices, faces, settings.min_part_fraction)
     timings["marching_cubes"] = time.perf_counter() - start
     start = time.perf_counter()
     colors = vertex_colors(field, vertices, settings.chunk)

@@ -92,8 +92,10 @@ def test_auto_level_and_floater_removal():
     grid = dense_grid(TwoBalls(), 64)
     level = auto_level(grid, inside_fraction=0.1)
     assert (grid.values >= level).float().mean().item() == pytest.approx(0.1, abs=0.01)
-    assert remove_small_parts(grid, 3.0, min_fraction=0.5) == 1
-    vertices, _ = marching_cubes(grid, 3.0)
-    assert vertices[:, 0].max() < 0.25  # only the big ball is left
+    vertices, faces = marching_cubes(grid, 3.0)
+    kept_vertices, kept_faces, removed = remove_small_parts(vertices, faces, min_fraction=0.5)
+    assert removed == 1 and kept_vertices[:, 0].max() < 0.25  # only the big ball is left
+    assert kept_faces.max() == len(kept_vertices) - 1
+    assert trimesh.Trimesh(kept_vertices, kept_faces, process=False).is_watertight
     mesh, g = extract_mesh(TwoBalls(), MeshSettings(resolution=64, min_part_fraction=0.01))
     assert mesh.vertices[:, 0].max() > 0.8 and g.stats["parts_removed"] == 0
