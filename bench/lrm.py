@@ -164,8 +164,7 @@ def run_once(pipe: ImageTo3D, image: str, resolution: int, workdir: Path) -> dic
     seconds = {stage: result.timings.get(stage) for stage in STAGES[:-1]}
     seconds["glb_write"] = end - glb_start
     seconds["total"] = end - start
-    calibration = ((resolution - 1) // 4 + 1) ** 3  # the auto-level lattice, not counted in field_queries
-    stats = dict(result.stats, calibration_queries=calibration, glb_bytes=glb.stat().st_size)
+    stats = dict(result.stats, glb_bytes=glb.stat().st_size)
     return {"seconds": seconds, "memory": meter.result, "stats": stats}
 
 
@@ -178,8 +177,7 @@ def summarize(runs: list[dict]) -> dict:
             memory[key] = max(run["memory"][key] for run in runs)
     stats = runs[0]["stats"]
     queries = {"coarse_to_fine": stats["field_queries"], "dense": stats["dense_queries"],
-               "ratio": stats["dense_queries"] / max(1, stats["field_queries"]),
-               "calibration": stats["calibration_queries"]}
+               "ratio": stats["dense_queries"] / max(1, stats["field_queries"])}
     return {"seconds": seconds, "memory": memory, "queries": queries}
 
 
@@ -303,9 +301,9 @@ def _mib(value: float | None) -> int | None:
 
 
 def query_table(records: list[dict]) -> str:
-    headers = ["size", "device", "dtype", "res", "coarse-to-fine", "dense", "dense/c2f", "+calibration"]
+    headers = ["size", "device", "dtype", "res", "coarse-to-fine", "dense", "dense/c2f"]
     rows = [[r["size"], r["device"], r["dtype"], r["resolution"], r["queries"]["coarse_to_fine"],
-             r["queries"]["dense"], r["queries"]["ratio"], r["queries"]["calibration"]]
+             r["queries"]["dense"], r["queries"]["ratio"]]
             for r in records if r["status"] == "ok"]
     return format_table(headers, rows)
 
@@ -337,7 +335,7 @@ def print_report(records: list[dict], examples: list[dict], targets: dict) -> No
           "\n(peak MiB: CUDA max allocated, or CPU peak RSS of the process during the run; +MiB: over the start)")
     print(stage_table(records))
     print("\nField queries on the random-weight LRM field (noisy: a pessimistic case)"
-          "\n(+calibration: the automatic-level lattice, evaluated too but not in field_queries)")
+          "\n(coarse-to-fine includes the lattice that picks the automatic level)")
     print(query_table(records))
     print(f"\nCoarse-to-fine vs dense on the example objects (level {EXAMPLE_LEVEL:g} = the SDF surface)")
     print(example_table(examples))
