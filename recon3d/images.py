@@ -49,6 +49,8 @@ def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
         image = _open(io.BytesIO(source) if isinstance(source, bytes) else source, name, max_pixels)
     _check_size(image.size, max_pixels)
     image = ImageOps.exif_transpose(image)
+    if image.mode in ("I", "I;16", "I;16B", "I;16L", "F"):  # 16-bit or float grey: PIL's convert would clip
+        image = Image.fromarray(_to_uint8(np.asarray(image), high_bit_depth=image.mode != "F"))
     return image.convert("RGBA") if image.mode != "RGBA" else image
 
 
@@ -81,14 +83,27 @@ def _check_size(size: tuple[int, int], max_pixels: int) -> None:
         raise ImageError(f"image is {width}x{height}; it must be at least {MIN_SIDE} px on each side")
 
 
+def _to_uint8(array: np.ndarray, high_bit_depth: bool = False) -> np.ndarray:
+    """uint8 as is; bool; uint16 (or 16-bit values in wider ints) scaled from 0..65535; floats must be in [0, 1]."""
+    if array.dtype == np.uint8:
+        return array
+    if array.dtype == bool:
+        return array.astype(np.uint8) * 255
+    if np.issubdtype(array.dtype, np.integer) and (array.dtype == np.uint16 or high_bit_depth):
+        return (np.clip(array, 0, 65535).astype(np.uint32) * 255 // 65535).astype(np.uint8)
+    if np.issubdtype(array.dtype, np.floating):
+        if not np.isfinite(array).all() or array.min() < 0 or array.max() > 1:
+            raise ImageError("float image arrays must hold finite values in [0, 1]")
+        return (array * 255 + 0.5).astype(np.uint8)
+    raise ImageError(f"image arrays must be uint8, uint16, bool or float in [0, 1], not {array.dtype}")
+
+
 def _from_array(array: np.ndarray) -> Image.Image:
     if array.ndim == 2:
         array = np.repeat(array[..., None], 3, -1)
     if array.ndim != 3 or array.shape[-1] not in (3, 4):
         raise ImageError(f"image array must be (H, W), (H, W, 3) or (H, W, 4), got {array.shape}")
-    if array.dtype != np.uint8:
-        array = (np.clip(array.astype(np.float32), 0, 1) * 255 + 0.5).astype(np.uint8)
-    image = Image.fromarray(array)
+    image = Image.fromarray(_to_uint8(array))
     _check_size(image.size, MAX_PIXELS)
     return image.convert("RGBA")
 
@@ -130,7 +145,12 @@ class BackgroundRemover:
             return None
         from rembg import remove
 
-        return remove(image.convert("RGB"), session=self._session).convert("RGBA")
+        try:
+            return remove(image.convert("RGB"), session=self._session).convert("RGBA")
+        except Exception as exc:  # a failing model must not stop the job: continue without it
+            self.unavailable_reason = f"background removal failed ({type(exc).__name__}: {exc}); continuing without it"
+            self._session = None
+            return None
 
 
 def has_foreground(image: Image.Image, threshold: int = 128) -> bool:
@@ -145,15 +165,18 @@ def foreground_bbox(alpha: np.ndarray, threshold: int = 128) -> tuple[int, int, 
     return int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1
 
 
-def recentre(image: Image.Image, foreground_ratio: float) -> Image.Image:
-    """Crop RGBA to its foreground and pad to a square in which the object's longer side is ``foreground_ratio``."""
+def recentre(image: Image.Image, foreground_ratio: float, size: int) -> Image.Image:
+    """Crop RGBA to its foreground, scale it so its longer side is ``foreground_ratio * size`` and centre it on
+    a transparent ``size`` x ``size`` square. Scaling before padding keeps memory bounded for any aspect ratio."""
     if not 0.3 <= foreground_ratio <= 1.0:
         raise ValueError(f"foreground ratio must be between 0.3 and 1.0, got {foreground_ratio}")
     top, left, bottom, right = foreground_bbox(np.asarray(image.getchannel("A")))
     crop = image.crop((left, top, right, bottom))
-    side = max(1, int(round(max(crop.size) / foreground_ratio)))
-    square = Image.new("RGBA", (side, side), (255, 255, 255, 0))
-    square.paste(crop, ((side - crop.width) // 2, (side - crop.height) // 2))
+    scale = foreground_ratio * size / max(crop.size)
+    crop = crop.resize((max(1, round(crop.width * scale)), max(1, round(crop.height * scale))),
+                       Image.Resampling.BICUBIC)
+    square = Image.new("RGBA", (size, size), (255, 255, 255, 0))
+    square.paste(crop, ((size - crop.width) // 2, (size - crop.height) // 2))
     return square
 
 
@@ -179,12 +202,12 @@ def prepare_image(source: ImageInput, size: int, foreground_ratio: float = 0.8,
     if removed and not has_foreground(image):
         raise ImageError("background removal found no object in the image; turn it off to use the whole image")
     if had_alpha or removed:
-        image = recentre(image, foreground_ratio)
+        image = recentre(image, foreground_ratio, size)
     else:
         notes.append("no transparency and no background removal: the whole image is treated as the object")
-        image = recentre(image.convert("RGBA"), 1.0)  # pads to a square
-    mask = image.getchannel("A").resize((size, size), Image.Resampling.BICUBIC)
-    rgb = composite_on_white(image).resize((size, size), Image.Resampling.BICUBIC)
+        image = recentre(image.convert("RGBA"), 1.0, size)  # letterboxed to a square
+    mask = image.getchannel("A")
+    rgb = composite_on_white(image)
     for note in notes:
         log.warning(note)
     return PreparedImage(rgb, mask, had_alpha, removed, notes)

@@ -133,3 +133,40 @@ def test_background_removal_that_finds_nothing_says_so(monkeypatch):
     monkeypatch.setattr(rembg, "remove", lambda image, session: Image.new("RGBA", image.size, (0, 0, 0, 0)))
     with pytest.raises(ImageError, match="background removal found no object"):
         prepare_image(Image.new("RGB", (64, 64), (9, 9, 9)), size=32, remove_background=BackgroundRemover())
+
+
+def test_long_thin_images_stay_small_in_memory():
+    import resource
+
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    prepared = prepare_image(Image.new("RGB", (20000, 32), (200, 0, 0)), size=64)
+    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
+    assert prepared.image.size == (64, 64) and grown_mib < 200
+    reddish_rows = np.nonzero((np.asarray(prepared.image)[..., 1] < 250).all(axis=1))[0]
+    assert 1 <= len(reddish_rows) <= 2 and abs(reddish_rows.mean() - 31.5) <= 1  # a thin strip across the middle
+
+
+def test_high_bit_depth_and_array_inputs_keep_their_values(tmp_path):
+    grey16 = Image.fromarray(np.full((40, 40), 20000, np.uint16))
+    grey16.save(tmp_path / "g16.png")
+    assert np.asarray(load_image(tmp_path / "g16.png"))[0, 0, 0] == pytest.approx(78, abs=1)
+    cases = {np.uint16: (np.full((40, 40, 3), 65535 // 2, np.uint16), 127), bool: (np.ones((40, 40), bool), 255),
+             np.float32: (np.full((40, 40, 3), 0.25, np.float32), 64)}
+    for array, expected in cases.values():
+        assert np.asarray(load_image(array))[5, 5, 0] == pytest.approx(expected, abs=1)
+    for bad in (np.full((40, 40, 3), 200.0), np.full((40, 40, 3), np.nan)):
+        with pytest.raises(ImageError, match="finite values in \\[0, 1\\]"):
+            load_image(bad)
+
+
+def test_a_failing_background_model_is_skipped_with_a_note(monkeypatch):
+    import rembg
+
+    def broken(image, session):
+        raise RuntimeError("onnxruntime exploded")
+
+    monkeypatch.setattr(rembg, "new_session", lambda name: object())
+    monkeypatch.setattr(rembg, "remove", broken)
+    prepared = prepare_image(Image.new("RGB", (64, 64), (1, 2, 3)), size=32, remove_background=BackgroundRemover())
+    assert not prepared.background_removed
+    assert any("onnxruntime exploded" in note for note in prepared.notes)
