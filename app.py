@@ -16,6 +16,7 @@ import gradio as gr
 import torch
 
 from recon3d.checkpoints import DEFAULT_LRM, OPENLRM_LICENCE
+from recon3d.devices import choose_device
 from recon3d.hub import CheckpointError
 from recon3d.images import ImageError
 from recon3d.mesh import MAX_RESOLUTION, MIN_RESOLUTION, EmptyMeshError
@@ -142,7 +143,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> None:
     args = parse_args(argv)
-    service = ModelService(ServiceSettings(random_weights=args.random_weights, device=args.device, dtype=args.dtype))
+    device, dtype = choose_device(args.device, args.dtype)
+    service = ModelService(ServiceSettings(random_weights=args.random_weights, device=device, dtype=dtype))
     service.warm_up()
     demo = build_app(service)
     demo.queue(max_size=args.max_queue, default_concurrency_limit=1)

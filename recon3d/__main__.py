@@ -13,12 +13,11 @@ import sys
 from pathlib import Path
 
 from .checkpoints import DEFAULT_LRM, OPENLRM_LICENCE
+from .devices import DTYPE_NAMES, choose_device
 from .hub import CheckpointError, hub_reachable
 from .images import ImageError
 from .mesh import EmptyMeshError, MAX_RESOLUTION, MIN_RESOLUTION
 
-DTYPES = {"float32": "float32", "fp32": "float32", "float16": "float16", "fp16": "float16",
-          "bfloat16": "bfloat16", "bf16": "bfloat16"}
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -37,32 +36,32 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--remove-floaters", type=float, default=0.0, metavar="FRACTION",
                        help="drop detached parts smaller than FRACTION of the largest (0: keep all, 1: largest only)")
     image.add_argument("--turntable", action="store_true", help="also write a turntable GIF per image")
-    image.add_argument("--turntable-frames", type=int, default=24, help="frames of the turntable (default 24)")
-    image.add_argument("--turntable-size", type=int, default=None, help="frame size in pixels (default: the checkpoint's render size)")
+    image.add_argument("--turntable-frames", type=positive_int, default=24, help="frames of the turntable (default 24)")
+    image.add_argument("--turntable-size", type=positive_int, default=None,
+                       help="frame size in pixels (default: the checkpoint's render size)")
     image.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
-    image.add_argument("--dtype", choices=sorted(DTYPES), default=None, help="default: float16 on GPU, float32 on CPU")
+    image.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: float16 on GPU, float32 on CPU")
     image.add_argument("--offline", action="store_true", help="use the local Hub cache only")
     image.add_argument("--random-weights", action="store_true", help="tiny random model: tests the path, output is meaningless")
     return parser
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
 
 
 def parse_threshold(text: str) -> float | None:
     return None if text == "auto" else float(text)
 
 
-def pick_device(name: str | None, dtype_name: str | None):
-    import torch
-
-    device = torch.device(name) if name else torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    default = "float16" if device.type == "cuda" else "float32"
-    return device, getattr(torch, DTYPES[dtype_name] if dtype_name else default)
-
-
 def load_pipeline(args: argparse.Namespace):
     from . import ImageTo3D
     from .models.lrm import TINY_CONFIG
 
-    device, dtype = pick_device(args.device, args.dtype)
+    device, dtype = choose_device(args.device, args.dtype)
     if args.random_weights:
         print("recon3d: random weights: the meshes are meaningless (a test of the path only)", file=sys.stderr)
         return ImageTo3D.random(TINY_CONFIG, device=device, dtype=dtype)
@@ -74,9 +73,6 @@ def load_pipeline(args: argparse.Namespace):
 
 
 def run_image(args: argparse.Namespace) -> int:
-    import torch
-    from tqdm import tqdm
-
     from .pipelines.image_to_3d import ImageTo3DOptions
 
     options = ImageTo3DOptions(foreground_ratio=args.foreground_ratio, mesh_resolution=args.resolution,
@@ -85,34 +81,51 @@ def run_image(args: argparse.Namespace) -> int:
     try:
         options.validate()
         pipe = load_pipeline(args)
-    except (CheckpointError, ValueError) as exc:
+    except (CheckpointError, ValueError, RuntimeError, AssertionError) as exc:  # device errors come as these
         print(f"recon3d: error: {exc}", file=sys.stderr)
         return 2
     args.output.mkdir(parents=True, exist_ok=True)
-    failures = 0
-    for path in args.images:
-        bar = tqdm(total=100, desc=path.name, unit="%", leave=True, file=sys.stderr)
-        try:
-            result = None
-            for event in pipe.run(path, options):
-                bar.set_postfix_str(event.message)
-                bar.update(int(event.fraction * 100) - bar.n)
-                result = event.result or result
-            write_outputs(result, args.output / path.stem, args)
-        except (ImageError, EmptyMeshError, ValueError, OSError) as exc:
-            failures += 1
-            bar.write(f"recon3d: {path}: refused: {exc}", file=sys.stderr)
-        except torch.OutOfMemoryError:
-            failures += 1
-            torch.cuda.empty_cache()
-            bar.write(f"recon3d: {path}: out of memory: try a lower --resolution or --dtype float16", file=sys.stderr)
-        finally:
-            bar.close()
+    names = output_names(args.images)
+    failures = sum(not process_one(pipe, path, options, args.output / name, args) for path, name in zip(args.images, names))
     return 1 if failures else 0
 
 
+def output_names(paths: list[Path]) -> list[str]:
+    """One output name per input: the file name without its last suffix, numbered when two inputs share it."""
+    names, seen = [], {}
+    for path in paths:
+        name = path.name[: -len(path.suffix)] if path.suffix else path.name
+        seen[name] = seen.get(name, 0) + 1
+        names.append(name if seen[name] == 1 else f"{name}-{seen[name]}")
+    return names
+
+
+def process_one(pipe, path: Path, options, stem: Path, args: argparse.Namespace) -> bool:
+    """Run one image with a progress bar; False (and a one-line message) if it was refused."""
+    import torch
+    from tqdm import tqdm
+
+    bar = tqdm(total=100, desc=path.name, unit="%", leave=True, file=sys.stderr)
+    try:
+        result = None
+        for event in pipe.run(path, options):
+            bar.set_postfix_str(event.message)
+            bar.update(int(event.fraction * 100) - bar.n)
+            result = event.result or result
+        write_outputs(result, stem, args)
+        return True
+    except (ImageError, EmptyMeshError, ValueError, OSError) as exc:
+        bar.write(f"recon3d: {path}: refused: {exc}", file=sys.stderr)
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        bar.write(f"recon3d: {path}: out of memory: try a lower --resolution or --dtype float16", file=sys.stderr)
+    finally:
+        bar.close()
+    return False
+
+
 def write_outputs(result, stem: Path, args: argparse.Namespace) -> None:
-    glb = result.save_glb(stem.with_suffix(".glb"))
+    glb = result.save_glb(stem.parent / f"{stem.name}.glb")
     result.processed_image.save(stem.parent / f"{stem.name}_input.png")
     if args.turntable:
         result.save_turntable(stem.parent / f"{stem.name}_turntable.gif", args.turntable_frames, args.turntable_size)

@@ -16,6 +16,8 @@ from urllib.parse import urlparse
 import torch
 
 WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin")
+DOWNLOAD_HINT = ("download it where the Hub is reachable (hf download {repo_id}) and copy the cache, "
+                 "or pass the checkpoint folder")
 REPO_ID = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
 
 
@@ -90,8 +92,10 @@ def _from_hub(repo_id: str, revision: str | None, offline: bool | None) -> Check
         except _MissingFile:
             continue
     if weights is None:
-        where = "in the local cache" if local_only else "in the repo"
-        raise CheckpointError(f"{repo_id}: none of {', '.join(WEIGHT_FILES)} {where}")
+        if local_only:
+            raise CheckpointError(f"{repo_id}: its weights are not in the local cache (only config.json is) and "
+                                  f"offline mode is on: {DOWNLOAD_HINT.format(repo_id=repo_id)}")
+        raise CheckpointError(f"{repo_id}: the repo has none of {', '.join(WEIGHT_FILES)}")
     return CheckpointFiles(repo_id, _read_config(config_path, repo_id), weights, revision)
 
 
@@ -111,8 +115,7 @@ def _download(repo_id: str, filename: str, revision: str | None, local_only: boo
         if local_only and filename in WEIGHT_FILES:
             raise _MissingFile(filename) from None  # the other weight format may be cached
         how = "offline mode is on" if local_only else "the Hub is unreachable"
-        raise CheckpointError(f"{at} is not in the local cache and {how}: download it where the Hub is reachable "
-                              f"(hf download {repo_id}) and copy the cache, or pass the checkpoint folder") from None
+        raise CheckpointError(f"{at} is not in the local cache and {how}: {DOWNLOAD_HINT.format(repo_id=repo_id)}") from None
     except EntryNotFoundError:
         if filename in WEIGHT_FILES:
             raise _MissingFile(filename) from None

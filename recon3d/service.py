@@ -25,8 +25,8 @@ RANDOM_CHOICES = {
 @dataclass
 class ServiceSettings:
     random_weights: bool = False
-    device: str | None = None  # None: cuda if available
-    dtype: str | None = None  # None: float16 on cuda, float32 otherwise
+    device: torch.device = torch.device("cpu")  # the front end picks (see recon3d.devices)
+    dtype: torch.dtype = torch.float32
     offline: bool | None = None  # None: probe the Hub once at start
     max_loaded: int = 1  # pipelines kept in memory at once
 
@@ -36,9 +36,7 @@ class ModelService:
 
     def __init__(self, settings: ServiceSettings):
         self.settings = settings
-        self.device = torch.device(settings.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        default_dtype = "float16" if self.device.type == "cuda" else "float32"
-        self.dtype = getattr(torch, settings.dtype or default_dtype)
+        self.device, self.dtype = torch.device(settings.device), settings.dtype
         if settings.random_weights:
             self.offline = True
         else:

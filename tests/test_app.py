@@ -237,3 +237,19 @@ def test_out_of_memory_becomes_a_clear_ui_error():
         handler(str(ROOT / "examples" / "duck.png"), "any", True, 0.8, 256, True, progress=lambda *a, **k: None)
     with pytest.raises(gr.Error, match="Upload an image first"):
         handler(None, "any", True, 0.8, 256, True, progress=lambda *a, **k: None)
+
+
+def test_gpu_work_shares_one_bounded_queue_and_sessions_are_cleaned_on_unload():
+    import importlib
+
+    sys.path.insert(0, str(ROOT))
+    app = importlib.import_module("app")
+    from recon3d.service import ModelService, ServiceSettings
+
+    demo = app.build_app(ModelService(ServiceSettings(random_weights=True)))
+    demo.queue(max_size=app.parse_args([]).max_queue, default_concurrency_limit=1)
+    fns = {fn.name: fn for fn in demo.fns.values()}
+    assert (fns["image_to_3d"].concurrency_id, fns["image_to_3d"].concurrency_limit) == (app.GPU_QUEUE, 1)
+    assert demo._queue.max_size == 16
+    unload = [d for d in demo.config["dependencies"] if d["targets"] == [(None, "unload")]]
+    assert [d["api_name"] for d in unload] == ["remove_session_dir"]

@@ -63,3 +63,30 @@ def test_out_of_memory_on_one_input_is_reported_and_the_exit_code_is_1(monkeypat
     code = cli.main(["image", str(ROOT / "examples" / "duck.png"), "-o", str(tmp_path)])
     assert code == 1
     assert "duck.png: out of memory: try a lower --resolution" in capsys.readouterr().err
+
+
+def test_output_names_keep_inner_dots_and_number_duplicates():
+    from pathlib import Path
+
+    from recon3d.__main__ import output_names
+
+    paths = [Path("a/chair.front.png"), Path("a/chair.back.png"), Path("a/x.png"), Path("b/x.png"), Path("noext")]
+    assert output_names(paths) == ["chair.front", "chair.back", "x", "x-2", "noext"]
+
+
+def test_bad_turntable_frames_and_devices_are_one_line_errors(tmp_path):
+    proc = run_cli("image", ROOT / "examples" / "duck.png", "--random-weights", "--turntable-frames", 0, cwd=tmp_path)
+    assert proc.returncode == 2 and "must be at least 1" in proc.stderr and "Traceback" not in proc.stderr
+    proc = run_cli("image", ROOT / "examples" / "duck.png", "--random-weights", "--device", "bogus", cwd=tmp_path)
+    assert proc.returncode == 2 and "recon3d: error:" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_device_policy_lives_at_the_edge():
+    import torch
+
+    from recon3d.devices import choose_device
+
+    assert choose_device("cpu") == (torch.device("cpu"), torch.float32)
+    assert choose_device("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
+    expected = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
+    assert choose_device()[0] == expected

@@ -103,3 +103,18 @@ def test_revisions_resolve_through_the_cache(tiny_repo_in_cache):
     assert TINY_COMMIT in str(resolve_checkpoint(tiny_repo_in_cache, revision=TINY_COMMIT, offline=True).weights)
     with pytest.raises(CheckpointError, match="recon3d-test/tiny-lrm@v9 is not in the local cache"):
         resolve_checkpoint(tiny_repo_in_cache, revision="v9", offline=True)
+
+
+def test_cached_config_without_weights_offline_gives_the_download_hint(tmp_path, tiny_checkpoint):
+    import shutil
+
+    from conftest import _CACHE
+
+    repo_dir = _CACHE / "models--recon3d-test--config-only"
+    snapshot = repo_dir / "snapshots" / ("f" * 40)
+    snapshot.mkdir(parents=True)
+    shutil.copy(tiny_checkpoint / "config.json", snapshot / "config.json")
+    (repo_dir / "refs").mkdir()
+    (repo_dir / "refs" / "main").write_text("f" * 40)
+    with pytest.raises(CheckpointError, match="weights are not in the local cache.*hf download recon3d-test/config-only"):
+        resolve_checkpoint("recon3d-test/config-only", offline=True)
