@@ -112,9 +112,13 @@ def _lattice(size: int, stride: int, resolution: int) -> torch.Tensor:
 
 @torch.no_grad()
 def dense_grid(field: Field, resolution: int, chunk: int = 262144) -> DensityGrid:
-    """Density at every point of the resolution^3 grid."""
-    values = _query_density(field, _lattice(resolution, 1, resolution), chunk).cpu()
-    return DensityGrid(values.reshape(resolution, resolution, resolution), resolution ** 3)
+    """Density at every point of the resolution^3 grid, built in slabs of x so memory stays bounded."""
+    axis = torch.arange(resolution)
+    slabs = []
+    for x0 in range(0, resolution, 16):
+        index = torch.stack(torch.meshgrid(axis[x0:x0 + 16], axis, axis, indexing="ij"), -1).reshape(-1, 3)
+        slabs.append(_query_density(field, grid_points(index, resolution), chunk).cpu())
+    return DensityGrid(torch.cat(slabs).reshape(resolution, resolution, resolution), resolution ** 3)
 
 
 COARSE_SPACING = 2.0 / 64  # at most one texel of a 64x64 triplane between coarse samples
