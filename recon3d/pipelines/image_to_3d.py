@@ -61,8 +61,11 @@ class ImageTo3DResult:
         return self.mesh.save_glb(path)
 
     def render_turntable(self, frames: int = 24, size: int | None = None, elevation_deg: float = 23.6,
-                         distance: float = 2.0, fov_deg: float = 50.0, settings: RenderSettings | None = None) -> list[Image.Image]:
-        """Frames around the object (radius 2, elevation 23.6 deg as in LRM's demo); frame 0 faces the source view."""
+                         distance: float = 2.0, fov_deg: float | None = None,
+                         settings: RenderSettings | None = None) -> list[Image.Image]:
+        """Frames around the object (radius 2, elevation 23.6 deg and the source camera's 67.4 deg field of view,
+        as in LRM's demo); frame 0 faces the source view."""
+        fov_deg = fov_deg or cameras.fov_from_focal(cameras.LRM_SOURCE_FX)
         settings, size = settings or self.render_settings, size or self.render_size
         intrinsics = cameras.intrinsics_from_fov(fov_deg)
         images = []
