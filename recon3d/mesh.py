@@ -122,6 +122,7 @@ def dense_grid(field: Field, resolution: int, chunk: int = 262144) -> DensityGri
 
 
 COARSE_SPACING = 2.0 / 64  # at most one texel of a 64x64 triplane between coarse samples
+DENSE_WHEN_ACTIVE = 0.6  # above this fraction of active coarse cells, the dense grid is cheaper
 
 
 def coarse_stride(resolution: int, spacing: float = COARSE_SPACING) -> int:
@@ -141,6 +142,10 @@ def coarse_to_fine_grid(field: Field, resolution: int, level: float, stride: int
     coarse = _query_density(field, _lattice(cells + 1, stride, resolution), chunk).reshape((cells + 1,) * 3)
     active = _cells_crossing(coarse, level)  # (cells, cells, cells) bool
     active = F.max_pool3d(active[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0  # one cell of margin
+    if active.float().mean() > DENSE_WHEN_ACTIVE:  # a surface everywhere (noise): skipping saves nothing
+        grid = dense_grid(field, resolution, chunk)
+        grid.queries += coarse.numel()
+        return grid
     needed = _points_near_cells(active, stride, resolution)  # (R, R, R) bool: evaluated exactly
     values = F.interpolate(coarse[None, None], size=(padded,) * 3, mode="trilinear", align_corners=True)[0, 0]
     values = values[:resolution, :resolution, :resolution].contiguous()

@@ -123,3 +123,14 @@ def test_auto_level_and_floater_removal():
     assert trimesh.Trimesh(kept_vertices, kept_faces, process=False).is_watertight
     mesh, g = extract_mesh(TwoBalls(), MeshSettings(resolution=64, min_part_fraction=0.01))
     assert mesh.vertices[:, 0].max() > 0.8 and g.stats["parts_removed"] == 0
+
+
+def test_coarse_to_fine_falls_back_to_dense_on_noise():
+    class Noise:
+        def query(self, p):
+            return (torch.sin(p * 97.0).prod(-1, keepdim=True) + 1.0) * 3.0, torch.ones(len(p), 3)
+
+    grid = coarse_to_fine_grid(Noise(), 256, level=3.0)
+    assert grid.exact is None  # every value is a field query
+    assert grid.queries == 256 ** 3 + 86 ** 3  # the dense grid plus the coarse lattice that decided it
+    assert torch.allclose(grid.values, dense_grid(Noise(), 256).values)
