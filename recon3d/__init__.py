@@ -3,7 +3,8 @@
 Python API::
 
     from recon3d import ImageTo3D
-    pipe = ImageTo3D.from_pretrained("zxhezexin/openlrm-mix-base-1.1", device="cuda", dtype=torch.float16)
+    gpu = torch.device("cuda")  # the caller picks; the default is CPU float32
+    pipe = ImageTo3D.from_pretrained("zxhezexin/openlrm-mix-base-1.1", device=gpu, dtype=torch.float16)
     result = pipe("chair.png", mesh_resolution=256)
     result.save_glb("chair.glb")
 """
