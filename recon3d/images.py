@@ -165,11 +165,16 @@ def foreground_bbox(alpha: np.ndarray, threshold: int = 128) -> tuple[int, int, 
     return int(rows.min()), int(cols.min()), int(rows.max()) + 1, int(cols.max()) + 1
 
 
+def check_foreground_ratio(foreground_ratio: float) -> float:
+    if not 0.3 <= foreground_ratio <= 1.0:
+        raise ValueError(f"foreground ratio must be between 0.3 and 1.0, got {foreground_ratio}")
+    return foreground_ratio
+
+
 def recentre(image: Image.Image, foreground_ratio: float, size: int) -> Image.Image:
     """Crop RGBA to its foreground, scale it so its longer side is ``foreground_ratio * size`` and centre it on
     a transparent ``size`` x ``size`` square. Scaling before padding keeps memory bounded for any aspect ratio."""
-    if not 0.3 <= foreground_ratio <= 1.0:
-        raise ValueError(f"foreground ratio must be between 0.3 and 1.0, got {foreground_ratio}")
+    check_foreground_ratio(foreground_ratio)
     top, left, bottom, right = foreground_bbox(np.asarray(image.getchannel("A")))
     crop = image.crop((left, top, right, bottom))
     scale = foreground_ratio * size / max(crop.size)

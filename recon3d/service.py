@@ -63,11 +63,6 @@ class ModelService:
             return [(name, name) for name in RANDOM_CHOICES]
         return [(c.label, c.repo_id) for c in OPENLRM_CHECKPOINTS]
 
-    def status(self) -> str:
-        if self.settings.random_weights:
-            return "random weights"
-        return "offline: only checkpoints already in the local Hub cache can load" if self.offline else "online"
-
     def image_to_3d(self, name: str) -> ImageTo3D:
         """The pipeline for a dropdown value or a checkpoint folder; raises CheckpointError with a user message."""
         with self._lock:

@@ -1,5 +1,6 @@
 import math
 
+import pytest
 import torch
 
 from recon3d import cameras
@@ -19,7 +20,7 @@ def test_orbit_camera_looks_at_origin_with_z_up():
         assert math.isclose(torch.det(rot).item(), 1.0, abs_tol=1e-5)
         forward = -rot[:, 2]  # OpenGL: the camera looks along its -z axis
         assert torch.allclose(forward, -eye / eye.norm(), atol=1e-5)
-        assert rot[2, 1] > 0 or el != 0  # camera up has a +z component at zero elevation
+        assert rot[2, 1] == pytest.approx(math.cos(math.radians(el)), abs=1e-5)  # up tilts with elevation
     # azimuth 90 moves the camera to +x (counter-clockwise seen from above, starting at -y)
     assert torch.allclose(cameras.orbit_position(90, 0, 2), torch.tensor([2.0, 0.0, 0.0]), atol=1e-6)
 

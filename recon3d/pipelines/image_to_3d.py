@@ -14,7 +14,7 @@ from PIL import Image
 
 from .. import cameras
 from ..field import TriplaneField
-from ..images import BackgroundRemover, ImageInput, PreparedImage, image_to_tensor, prepare_image
+from ..images import BackgroundRemover, check_foreground_ratio, ImageInput, PreparedImage, image_to_tensor, prepare_image
 from ..mesh import Mesh, MeshSettings, check_resolution, extract_mesh
 from ..models.lrm import LRM, LRMConfig, random_lrm
 from ..render import RenderSettings, render_view
@@ -32,8 +32,7 @@ class ImageTo3DOptions:
 
     def validate(self) -> "ImageTo3DOptions":
         check_resolution(self.mesh_resolution)
-        if not 0.3 <= self.foreground_ratio <= 1.0:
-            raise ValueError(f"foreground ratio must be between 0.3 and 1.0, got {self.foreground_ratio}")
+        check_foreground_ratio(self.foreground_ratio)
         if not 0.0 <= self.remove_floaters <= 1.0:
             raise ValueError(f"remove_floaters must be between 0 and 1, got {self.remove_floaters}")
         if not 1.0 <= self.camera_distance <= 4.0:
