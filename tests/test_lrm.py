@@ -11,7 +11,7 @@ from recon3d.cameras import lrm_source_camera
 from recon3d.models.dinov2 import DinoV2, ViTSpec
 from recon3d.models.lrm import LRM, PUBLISHED_CONFIGS, TINY_CONFIG, LRMConfig, ModLN, PlaneDecoder, random_lrm
 
-MANIFESTS = Path(__file__).resolve().parents[2] / "shared" / "checkpoints"
+MANIFESTS = Path(__file__).resolve().parent / "data" / "manifests"
 
 
 @pytest.mark.parametrize("size, source_size", [("small", 224), ("base", 336), ("large", 448)])
