@@ -15,13 +15,13 @@ from pathlib import Path
 from .checkpoints import DEFAULT_LRM, OPENLRM_LICENCE
 from .devices import DTYPE_NAMES, choose_device
 from .hub import CheckpointError, hub_reachable
-from .images import ImageError
+from .images import FOREGROUND_RATIO_RANGE, ImageError
 from .mesh import EmptyMeshError, MAX_RESOLUTION, MIN_RESOLUTION
 
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m recon3d", description="Photos and sentences to 3D models.")
+    parser = argparse.ArgumentParser(prog="python -m recon3d", description="Images to 3D models (GLB) with LRM.")
     commands = parser.add_subparsers(dest="command", required=True)
     image = commands.add_parser("image", help="image(s) -> GLB mesh(es) with LRM")
     image.add_argument("images", nargs="+", type=Path, help="PNG, JPEG or WebP files")
@@ -29,7 +29,7 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--model", default=DEFAULT_LRM, help=f"Hub repo id or checkpoint folder (default: {DEFAULT_LRM})")
     image.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
     image.add_argument("--resolution", type=int, default=256, help=f"mesh grid resolution, {MIN_RESOLUTION}..{MAX_RESOLUTION}")
-    image.add_argument("--foreground-ratio", type=float, default=0.8, help="object size in the square input (0.3..1)")
+    image.add_argument("--foreground-ratio", type=float, default=0.8, help="object size in the square input (%g..%g, default 0.8)" % FOREGROUND_RATIO_RANGE)
     image.add_argument("--no-remove-background", action="store_true", help="do not remove the background")
     image.add_argument("--threshold", type=parse_threshold, default=3.0,
                        help="density iso-level of the surface, or 'auto' for uncalibrated (e.g. fine-tuned) models")
@@ -86,7 +86,13 @@ def run_image(args: argparse.Namespace) -> int:
         return 2
     args.output.mkdir(parents=True, exist_ok=True)
     names = output_names(args.images)
-    failures = sum(not process_one(pipe, path, options, args.output / name, args) for path, name in zip(args.images, names))
+    failures = 0
+    try:
+        for path, name in zip(args.images, names):
+            failures += not process_one(pipe, path, options, args.output / name, args)
+    except KeyboardInterrupt:  # Ctrl-C: stop now; what was written stays
+        print(f"recon3d: interrupted; the finished outputs are in {args.output}", file=sys.stderr)
+        return 130
     return 1 if failures else 0
 
 

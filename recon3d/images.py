@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import io
 import logging
+import time
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,6 +23,7 @@ ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
 
 MAX_PIXELS = 40_000_000  # 40 MP: more than any phone photo, far less than a decompression bomb
 MIN_SIDE = 32
+FOREGROUND_RATIO_RANGE = (0.5, 1.0)  # the object's longer side as a fraction of the square input
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
@@ -36,6 +38,7 @@ class PreparedImage:
     had_alpha: bool
     background_removed: bool
     notes: list[str]
+    background_seconds: float = 0.0  # time spent in background removal (part of preparing the image)
 
 
 def load_image(source: ImageInput, max_pixels: int = MAX_PIXELS) -> Image.Image:
@@ -166,8 +169,9 @@ def foreground_bbox(alpha: np.ndarray, threshold: int = 128) -> tuple[int, int, 
 
 
 def check_foreground_ratio(foreground_ratio: float) -> float:
-    if not 0.3 <= foreground_ratio <= 1.0:
-        raise ValueError(f"foreground ratio must be between 0.3 and 1.0, got {foreground_ratio}")
+    low, high = FOREGROUND_RATIO_RANGE
+    if not low <= foreground_ratio <= high:
+        raise ValueError(f"foreground ratio must be between {low:g} and {high:g}, got {foreground_ratio:g}")
     return foreground_ratio
 
 
@@ -197,9 +201,11 @@ def prepare_image(source: ImageInput, size: int, foreground_ratio: float = 0.8,
     image = load_image(source)
     notes: list[str] = []
     had_alpha = has_transparency(image)
-    removed = False
+    removed, background_seconds = False, 0.0
     if not had_alpha and remove_background is not None:
+        start = time.perf_counter()
         cut = remove_background(image)
+        background_seconds = time.perf_counter() - start
         if cut is None:
             notes.append(remove_background.unavailable_reason)
         else:
@@ -215,7 +221,7 @@ def prepare_image(source: ImageInput, size: int, foreground_ratio: float = 0.8,
     rgb = composite_on_white(image)
     for note in notes:
         log.warning(note)
-    return PreparedImage(rgb, mask, had_alpha, removed, notes)
+    return PreparedImage(rgb, mask, had_alpha, removed, notes, background_seconds)
 
 
 def image_to_tensor(image: Image.Image):

@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from .cameras import world_to_gltf
+from .cancel import NEVER, CancelToken
 from .field import Field
 
 MIN_RESOLUTION, MAX_RESOLUTION = 64, 512
@@ -77,10 +78,13 @@ def field_device(field: Field) -> torch.device:
     return torch.device(getattr(field, "device", "cpu"))
 
 
-def _query_density(field: Field, points: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Densities (P,) on the field's device."""
+def _query_density(field: Field, points: torch.Tensor, chunk: int, cancel: CancelToken = NEVER) -> torch.Tensor:
+    """Densities (P,) on the field's device; ``cancel`` is checked before every chunk."""
     device = field_device(field)
-    out = [field.query(points[i:i + chunk])[0].reshape(-1).float().to(device) for i in range(0, points.shape[0], chunk)]
+    out = []
+    for i in range(0, points.shape[0], chunk):
+        cancel.check()
+        out.append(field.query(points[i:i + chunk])[0].reshape(-1).float().to(device))
     return torch.cat(out) if out else torch.zeros(0, device=device)
 
 
@@ -111,13 +115,13 @@ def _lattice(size: int, stride: int, resolution: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def dense_grid(field: Field, resolution: int, chunk: int = 262144) -> DensityGrid:
+def dense_grid(field: Field, resolution: int, chunk: int = 262144, cancel: CancelToken = NEVER) -> DensityGrid:
     """Density at every point of the resolution^3 grid, built in slabs of x so memory stays bounded."""
     axis = torch.arange(resolution)
     slabs = []
     for x0 in range(0, resolution, 16):
         index = torch.stack(torch.meshgrid(axis[x0:x0 + 16], axis, axis, indexing="ij"), -1).reshape(-1, 3)
-        slabs.append(_query_density(field, grid_points(index, resolution), chunk).cpu())
+        slabs.append(_query_density(field, grid_points(index, resolution), chunk, cancel).cpu())
     return DensityGrid(torch.cat(slabs).reshape(resolution, resolution, resolution), resolution ** 3)
 
 
@@ -132,18 +136,18 @@ def coarse_stride(resolution: int, spacing: float = COARSE_SPACING) -> int:
 
 @torch.no_grad()
 def coarse_to_fine_grid(field: Field, resolution: int, level: float, stride: int | None = None,
-                        chunk: int = 262144) -> DensityGrid:
+                        chunk: int = 262144, cancel: CancelToken = NEVER) -> DensityGrid:
     """Density grid evaluated exactly only near the iso-surface ``level`` (see module docstring)."""
     stride = stride or coarse_stride(resolution)
     if stride == 1:  # nothing to skip at this resolution
-        return dense_grid(field, resolution, chunk)
+        return dense_grid(field, resolution, chunk, cancel)
     cells = -(-(resolution - 1) // stride)  # coarse cells per axis; the lattice may overhang [-1, 1] a little
     padded = cells * stride + 1
-    coarse = _query_density(field, _lattice(cells + 1, stride, resolution), chunk).reshape((cells + 1,) * 3)
+    coarse = _query_density(field, _lattice(cells + 1, stride, resolution), chunk, cancel).reshape((cells + 1,) * 3)
     active = _cells_crossing(coarse, level)  # (cells, cells, cells) bool
     active = F.max_pool3d(active[None, None].float(), 3, stride=1, padding=1)[0, 0] > 0  # one cell of margin
     if active.float().mean() > DENSE_WHEN_ACTIVE:  # a surface everywhere (noise): skipping saves nothing
-        grid = dense_grid(field, resolution, chunk)
+        grid = dense_grid(field, resolution, chunk, cancel)
         grid.queries += coarse.numel()
         return grid
     needed = _points_near_cells(active, stride, resolution)  # (R, R, R) bool: evaluated exactly
@@ -153,7 +157,7 @@ def coarse_to_fine_grid(field: Field, resolution: int, level: float, stride: int
     for x0 in range(0, resolution, 16):  # slabs bound the memory of the index lists
         index = needed[x0:x0 + 16].nonzero()
         index[:, 0] += x0
-        values[index[:, 0], index[:, 1], index[:, 2]] = _query_density(field, grid_points(index, resolution), chunk)
+        values[index[:, 0], index[:, 1], index[:, 2]] = _query_density(field, grid_points(index, resolution), chunk, cancel)
         queries += index.shape[0]
     stats = {"coarse_queries": coarse.numel(), "active_cells": int(active.sum()), "cells": cells ** 3}
     return DensityGrid(values.cpu(), queries, stats, exact=needed.cpu())
@@ -221,9 +225,12 @@ class EmptyMeshError(ValueError):
 
 
 @torch.no_grad()
-def vertex_colors(field: Field, vertices: np.ndarray, chunk: int = 262144) -> np.ndarray:
+def vertex_colors(field: Field, vertices: np.ndarray, chunk: int = 262144, cancel: CancelToken = NEVER) -> np.ndarray:
     points = torch.from_numpy(vertices)
-    rgb = [field.query(points[i:i + chunk])[1].float().cpu() for i in range(0, len(points), chunk)]
+    rgb = []
+    for i in range(0, len(points), chunk):
+        cancel.check()
+        rgb.append(field.query(points[i:i + chunk])[1].float().cpu())
     return torch.cat(rgb).clamp(0, 1).numpy().astype(np.float32) if rgb else np.zeros((0, 3), np.float32)
 
 
@@ -285,20 +292,22 @@ class MeshSettings:
     chunk: int = 262144
 
 
-def extract_mesh(field: Field, settings: MeshSettings | None = None, timings: dict | None = None) -> tuple[Mesh, DensityGrid]:
-    """The whole export path. ``timings`` (if given) receives seconds per stage."""
+def extract_mesh(field: Field, settings: MeshSettings | None = None, timings: dict | None = None,
+                 cancel: CancelToken = NEVER) -> tuple[Mesh, DensityGrid]:
+    """The whole export path. ``timings`` (if given) receives seconds per stage; ``cancel`` stops it between
+    chunks of field queries (raising :class:`~recon3d.cancel.Cancelled`)."""
     settings = settings or MeshSettings()
     timings = {} if timings is None else timings
     resolution = check_resolution(settings.resolution)
     start = time.perf_counter()
     level, calibration_queries = settings.level, 0
     if level is None:  # calibrate on a cheap lattice, then mesh as usual
-        lattice = dense_grid(field, (resolution - 1) // 4 + 1, chunk=settings.chunk)
+        lattice = dense_grid(field, (resolution - 1) // 4 + 1, chunk=settings.chunk, cancel=cancel)
         level, calibration_queries = auto_level(lattice), lattice.queries
     if settings.coarse_to_fine:
-        grid = coarse_to_fine_grid(field, resolution, level, chunk=settings.chunk)
+        grid = coarse_to_fine_grid(field, resolution, level, chunk=settings.chunk, cancel=cancel)
     else:
-        grid = dense_grid(field, resolution, chunk=settings.chunk)
+        grid = dense_grid(field, resolution, chunk=settings.chunk, cancel=cancel)
     grid.queries += calibration_queries
     grid.stats["level"] = level
     timings["grid_queries"] = time.perf_counter() - start
@@ -308,6 +317,6 @@ def extract_mesh(field: Field, settings: MeshSettings | None = None, timings: di
         vertices, faces, grid.stats["parts_removed"] = remove_small_parts(vertices, faces, settings.min_part_fraction)
     timings["marching_cubes"] = time.perf_counter() - start
     start = time.perf_counter()
-    colors = vertex_colors(field, vertices, settings.chunk)
+    colors = vertex_colors(field, vertices, settings.chunk, cancel)
     timings["vertex_colors"] = time.perf_counter() - start
     return Mesh(vertices, faces, colors), grid

@@ -90,3 +90,28 @@ def test_device_policy_lives_at_the_edge():
     assert choose_device("cpu", "bf16") == (torch.device("cpu"), torch.bfloat16)
     expected = torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu")
     assert choose_device()[0] == expected
+
+
+def test_ctrl_c_stops_with_one_line_and_no_traceback(tiny_checkpoint, tmp_path):
+    import signal
+    import threading
+    import time
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "recon3d", "image", str(ROOT / "examples" / "duck.png"),
+                             "-o", str(tmp_path), "--model", str(tiny_checkpoint), "--resolution", "512",
+                             "--threshold", "auto"],  # minutes on a CPU
+                            env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    stderr = []
+    reader = threading.Thread(target=lambda: stderr.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    deadline = time.time() + 120
+    while time.time() < deadline and "Extracting the mesh" not in "".join(stderr) and proc.poll() is None:
+        time.sleep(0.2)
+    assert proc.poll() is None, "".join(stderr)
+    proc.send_signal(signal.SIGINT)  # what Ctrl-C sends
+    proc.wait(timeout=60)
+    reader.join(timeout=10)
+    text = "".join(stderr)
+    assert proc.returncode == 130, text
+    assert f"recon3d: interrupted; the finished outputs are in {tmp_path}" in text and "Traceback" not in text

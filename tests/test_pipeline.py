@@ -24,6 +24,7 @@ def test_image_to_glb_through_the_public_api(pipe, tmp_path):
     assert all(t >= 0 for t in result.timings.values())
     assert result.stats["faces"] == len(result.mesh.faces) > 0
     positions, _, colours, indices = glb_summary(result.save_glb(tmp_path / "duck.glb"))
+    assert result.timings["glb_write"] > 0  # writing the file is a stage of its own
     assert len(positions) == len(result.mesh.vertices) and len(indices) == len(result.mesh.faces)
     assert np.abs(positions).max() <= 1.0 + 1e-5
 
@@ -48,7 +49,25 @@ def pipe_options(**kw):
     return ImageTo3DOptions(density_threshold=None, **kw)
 
 
-def test_turntable_frames_differ_and_frame_zero_is_the_source_view(pipe, tmp_path):
+class FrontRedBackBlue:
+    """A ball whose front half (world -y: the side the source camera sees) is red and back half blue."""
+
+    def query(self, points):
+        density = (3 + 20 * (0.5 - points.norm(dim=-1, keepdim=True))).clamp(min=0)
+        front = (points[:, 1:2] < 0).float()
+        return density, torch.cat([front, torch.zeros_like(front), 1 - front], -1)
+
+
+def test_turntable_frame_zero_is_the_source_view(pipe):
+    result = pipe(DUCK, mesh_resolution=64, density_threshold=None)
+    result.field = FrontRedBackBlue()  # frames of a field whose sides are known
+    frames = [np.asarray(f, dtype=float) for f in result.render_turntable(frames=4, size=32)]
+    centre = [frame[12:20, 12:20].reshape(-1, 3).mean(0) for frame in frames]
+    assert centre[0][0] > 200 and centre[0][2] < 30, f"frame 0 does not face the front: {centre[0]}"
+    assert centre[2][2] > 200 and centre[2][0] < 30, f"frame 2 (180 deg) does not show the back: {centre[2]}"
+
+
+def test_turntable_frames_differ_and_use_the_checkpoints_sampling(pipe, tmp_path):
     result = pipe(DUCK, mesh_resolution=64, density_threshold=None)
     frames = result.render_turntable(frames=4, size=32)
     assert len(frames) == 4 and frames[0].size == (32, 32)
@@ -90,3 +109,41 @@ def test_default_threshold_on_an_uncalibrated_model_explains_itself(pipe):
 
     with pytest.raises(EmptyMeshError, match="no surface at density 3"):
         pipe(DUCK, mesh_resolution=64)
+
+
+class CancelAfter:
+    """A token that cancels itself at its n-th check: the job stops wherever that check is."""
+
+    def __init__(self, checks):
+        from recon3d.cancel import CancelToken
+
+        self.token, self.left, self.checks = CancelToken(), checks, 0
+
+    def check(self):
+        self.checks += 1
+        self.left -= 1
+        if self.left == 0:
+            self.token.cancel()
+        self.token.check()
+
+
+@pytest.mark.parametrize("checks, stage", [(2, "encoder"), (6, "transformer"), (9, "mesh")])
+def test_a_cancelled_job_stops_at_its_next_check(pipe, checks, stage):
+    from recon3d.cancel import Cancelled
+
+    token, stages = CancelAfter(checks), []
+    with pytest.raises(Cancelled):
+        for event in pipe.run(DUCK, pipe_options(mesh_resolution=128), token):
+            stages.append(event.stage)
+    assert stages[-1] == stage and "done" not in stages
+    assert token.checks == checks  # nothing ran past the check that saw the cancellation
+
+
+def test_a_cancelled_turntable_stops_between_frames(pipe):
+    from recon3d.cancel import Cancelled
+
+    result = pipe(DUCK, mesh_resolution=64, density_threshold=None)
+    token = CancelAfter(3)
+    with pytest.raises(Cancelled):
+        result.render_turntable(frames=24, size=16, cancel=token)
+    assert token.checks == 3

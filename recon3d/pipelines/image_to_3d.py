@@ -5,6 +5,7 @@ Steps: 1 prepare the image, 2 encode it, 3 transformer -> planes, 4 density grid
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
@@ -13,12 +14,13 @@ import torch
 from PIL import Image
 
 from .. import cameras
+from ..cancel import NEVER, CancelToken
 from ..field import TriplaneField
 from ..images import BackgroundRemover, check_foreground_ratio, ImageInput, PreparedImage, image_to_tensor, prepare_image
 from ..mesh import Mesh, MeshSettings, check_resolution, extract_mesh
 from ..models.lrm import LRM, LRMConfig, random_lrm
 from ..render import RenderSettings, render_view
-from .progress import Progress, run_to_end, timed
+from .progress import Progress, check_before_each, run_to_end, timed
 
 
 @dataclass
@@ -57,25 +59,31 @@ class ImageTo3DResult:
         return self.prepared.image
 
     def save_glb(self, path: str | Path) -> Path:
-        return self.mesh.save_glb(path)
+        """Write the mesh as GLB; the seconds it took are added to ``timings`` as ``glb_write``."""
+        start = time.perf_counter()
+        path = self.mesh.save_glb(path)
+        self.timings["glb_write"] = time.perf_counter() - start
+        return path
 
     def render_turntable(self, frames: int = 24, size: int | None = None, elevation_deg: float = 23.6,
                          distance: float = 2.0, fov_deg: float | None = None,
-                         settings: RenderSettings | None = None) -> list[Image.Image]:
+                         settings: RenderSettings | None = None, cancel: CancelToken = NEVER) -> list[Image.Image]:
         """Frames around the object (radius 2, elevation 23.6 deg and the source camera's 67.4 deg field of view,
-        as in LRM's demo); frame 0 faces the source view."""
+        as in LRM's demo); frame 0 faces the source view. ``cancel`` is checked before every frame."""
         fov_deg = fov_deg or cameras.fov_from_focal(cameras.LRM_SOURCE_FX)
         settings, size = settings or self.render_settings, size or self.render_size
         intrinsics = cameras.intrinsics_from_fov(fov_deg)
         images = []
         for c2w in cameras.orbit_cameras(frames, elevation_deg, distance):
+            cancel.check()
             rgb = render_view(self.field, c2w, intrinsics, size, settings, self.planes.device)["rgb"]
             images.append(Image.fromarray((rgb.clamp(0, 1).numpy() * 255 + 0.5).astype("uint8")))
         return images
 
-    def save_turntable(self, path: str | Path, frames: int = 24, size: int | None = None) -> Path:
+    def save_turntable(self, path: str | Path, frames: int = 24, size: int | None = None,
+                       cancel: CancelToken = NEVER) -> Path:
         """An animated GIF (or WebP, by suffix) of :meth:`render_turntable`."""
-        images = self.render_turntable(frames, size)
+        images = self.render_turntable(frames, size, cancel=cancel)
         images[0].save(path, save_all=True, append_images=images[1:], duration=80, loop=0)
         return Path(path)
 
@@ -114,8 +122,11 @@ class ImageTo3D:
         return run_to_end(self.run(image, ImageTo3DOptions(**options)))
 
     @torch.no_grad()
-    def run(self, image: ImageInput, options: ImageTo3DOptions | None = None) -> Iterator[Progress]:
-        """The job as progress events; the last one carries the :class:`ImageTo3DResult`."""
+    def run(self, image: ImageInput, options: ImageTo3DOptions | None = None,
+            cancel: CancelToken = NEVER) -> Iterator[Progress]:
+        """The job as progress events; the last one carries the :class:`ImageTo3DResult`. ``cancel`` is checked
+        between stages, before every encoder and transformer layer and between chunks of grid queries; a
+        cancelled job raises :class:`~recon3d.cancel.Cancelled`."""
         options = (options or ImageTo3DOptions()).validate()
         if self.random_weights:  # no calibrated density: mesh the largest part at an automatic level
             options = replace(options, density_threshold=None, remove_floaters=1.0)
@@ -125,19 +136,25 @@ class ImageTo3D:
         with timed(timings, "preprocess", device):
             remover = self.background_remover if options.remove_background else None
             prepared = prepare_image(image, source_size, options.foreground_ratio, remover)
+            cancel.check()
             pixels = image_to_tensor(prepared.image).to(device, self.dtype)  # (1, 3, S, S)
             camera = cameras.lrm_source_camera(options.camera_distance)[None].to(device, self.dtype)  # (1, 16)
+        if prepared.background_seconds:  # its own stage: it can dominate the CPU path
+            timings["remove_background"] = prepared.background_seconds
+            timings["preprocess"] -= prepared.background_seconds
         yield Progress("encoder", 0.1, "Encoding the image")
-        with timed(timings, "encoder", device):
+        layers = [*self.model.encoder.model.blocks, *self.model.transformer.layers]
+        with timed(timings, "encoder", device), check_before_each(layers, cancel):
             tokens = self.model.encode_image(pixels)
         yield Progress("transformer", 0.25, "Predicting the triplane")
-        with timed(timings, "transformer", device):
+        with timed(timings, "transformer", device), check_before_each(layers, cancel):
             planes = self.model.planes_from_tokens(tokens, camera)
+        cancel.check()
         yield Progress("mesh", 0.45, f"Extracting the mesh at {options.mesh_resolution}^3")
         field_ = self.model.field(planes)
         mesh_settings = MeshSettings(resolution=options.mesh_resolution, level=options.density_threshold,
                                      min_part_fraction=options.remove_floaters)
-        mesh, grid = extract_mesh(field_, mesh_settings, timings)
+        mesh, grid = extract_mesh(field_, mesh_settings, timings, cancel)
         stats = {"vertices": len(mesh.vertices), "faces": len(mesh.faces), "field_queries": grid.queries,
                  "dense_queries": options.mesh_resolution ** 3, **grid.stats}
         samples = self.model.config.rendering_samples_per_ray

@@ -5,9 +5,11 @@ from __future__ import annotations
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Iterator
+from typing import Any, Iterable, Iterator
 
 import torch
+
+from ..cancel import CancelToken
 
 
 @dataclass
@@ -42,3 +44,14 @@ def run_to_end(events: Iterator[Progress]) -> Any:
         if event.result is not None:
             result = event.result
     return result
+
+
+@contextmanager
+def check_before_each(modules: Iterable[torch.nn.Module], cancel: CancelToken) -> Iterator[None]:
+    """Check ``cancel`` before each of ``modules`` runs, so a long forward pass stops between layers."""
+    handles = [module.register_forward_pre_hook(lambda module, args: cancel.check()) for module in modules]
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
