@@ -135,14 +135,37 @@ def test_background_removal_that_finds_nothing_says_so(monkeypatch):
         prepare_image(Image.new("RGB", (64, 64), (9, 9, 9)), size=32, remove_background=BackgroundRemover())
 
 
-def test_long_thin_images_stay_small_in_memory():
-    import resource
+PEAK_MEMORY_OF_PREPARING = """
+import resource, sys
+import numpy as np
+from PIL import Image
+from recon3d.images import prepare_image
+image = Image.new("RGB", (20000, 32), (200, 0, 0))
+before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+prepared = prepare_image(image, size=64)
+grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before
+np.save(sys.argv[1], np.asarray(prepared.image))
+print(grown_kib)
+"""
 
-    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    prepared = prepare_image(Image.new("RGB", (20000, 32), (200, 0, 0)), size=64)
-    grown_mib = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024
-    assert prepared.image.size == (64, 64) and grown_mib < 200
-    reddish_rows = np.nonzero((np.asarray(prepared.image)[..., 1] < 250).all(axis=1))[0]
+
+def test_long_thin_images_stay_small_in_memory(tmp_path):
+    """Measured in a fresh process: ru_maxrss is a process-wide peak, which earlier tests would hide."""
+    import os
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+
+    out = tmp_path / "prepared.npy"
+    proc = subprocess.run([sys.executable, "-c", PEAK_MEMORY_OF_PREPARING, str(out)], capture_output=True, text=True,
+                          env={**os.environ, "PYTHONPATH": str(ROOT)}, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    grown_mib = int(proc.stdout.split()[-1]) / 1024
+    assert grown_mib < 100  # a square of 20000 px a side would take 1.1 GiB
+    prepared = np.load(out)
+    assert prepared.shape == (64, 64, 3)
+    reddish_rows = np.nonzero((prepared[..., 1] < 250).all(axis=1))[0]
     assert 1 <= len(reddish_rows) <= 2 and abs(reddish_rows.mean() - 31.5) <= 1  # a thin strip across the middle
 
 

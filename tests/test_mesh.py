@@ -134,3 +134,16 @@ def test_coarse_to_fine_falls_back_to_dense_on_noise():
     assert grid.exact is None  # every value is a field query
     assert grid.queries == 256 ** 3 + 86 ** 3  # the dense grid plus the coarse lattice that decided it
     assert torch.allclose(grid.values, dense_grid(Noise(), 256).values)
+
+
+def test_mid_grey_is_stored_linear_in_color_0(tmp_path):
+    """glTF's COLOR_0 is linear: sRGB 0.5 must arrive as 0.214, not 0.5 (a missing conversion looks washed out)."""
+
+    class GreySphere(SphereField):
+        def query(self, points):
+            density, _ = super().query(points)
+            return density, torch.full((len(points), 3), 0.5)
+
+    mesh, _ = extract_mesh(GreySphere(radius=0.5), MeshSettings(resolution=64))
+    _, _, colours, _ = glb_summary(mesh.save_glb(tmp_path / "grey.glb"))
+    assert np.allclose(colours[:, :3], 0.2140, atol=2e-4) and np.allclose(colours[:, 3], 1.0)
