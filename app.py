@@ -1,27 +1,30 @@
 """recon3d web app (Gradio). UI only: tabs, inputs and wiring; the work is done by recon3d's pipelines.
 
-    python app.py [--port 7860] [--random-weights] [--device cuda] [--dtype float16]
+    python app.py [--port 7860] [--random-weights] [--device cuda] [--dtype float16] [--output-ttl 3600]
 """
 
 from __future__ import annotations
 
 import argparse
+import base64
+import logging
 import os
-import shutil
-import tempfile
-import time
 from pathlib import Path
 
 import gradio as gr
-import torch
+from gradio.utils import get_upload_folder
 
+from recon3d.cancel import CancelToken, Cancelled
 from recon3d.checkpoints import DEFAULT_LRM, OPENLRM_LICENCE
 from recon3d.devices import choose_device
 from recon3d.hub import CheckpointError
-from recon3d.images import ImageError
+from recon3d.images import FOREGROUND_RATIO_RANGE, ImageError
 from recon3d.mesh import MAX_RESOLUTION, MIN_RESOLUTION, EmptyMeshError
 from recon3d.pipelines.image_to_3d import ImageTo3DOptions
-from recon3d.service import ModelService, ServiceSettings
+from recon3d.pipelines.progress import Progress
+from recon3d.service import (ModelService, ServiceSettings, cpu_cost_note, default_resolution, free_device_memory,
+                             is_out_of_memory, load_cpu_costs)
+from recon3d.sessions import Sessions, iterate_in_thread
 
 try:  # ZeroGPU on Hugging Face Spaces; off Spaces the decorator returns the function unchanged
     import spaces
@@ -31,23 +34,46 @@ except ImportError:
     def gpu_task(fn):
         return fn
 
+log = logging.getLogger("recon3d.app")
 HERE = Path(__file__).parent
 EXAMPLES = sorted(str(p) for p in (HERE / "examples").glob("*.png"))
-SESSIONS_DIR = Path(tempfile.gettempdir()) / "recon3d-sessions"
+CPU_BENCHMARK = HERE / "bench" / "results" / "lrm-cpu.json"  # what a job costs on a CPU, shown on the page
+OUTPUTS_DIR = Path(get_upload_folder()) / "recon3d-outputs"  # inside Gradio's cache: served in place, not copied
+OUTPUT_TTL_S = 3600.0  # files of callers without a browser session (gradio_client, REST) live this long
 FLOATER_FRACTION = 0.05  # "remove floaters" drops parts under 5% of the largest one
 GPU_QUEUE = "gpu"  # every event that uses the model shares this concurrency group
 RANDOM_BANNER = ("### ⚠️ Random weights\nThis server runs **random-weight models** (`--random-weights`): the whole "
                  "path runs and the files are real, but the shapes mean nothing. Use it to test the app offline.")
+USER_ERRORS = (CheckpointError, ImageError, EmptyMeshError, ValueError)
 
 
-def session_dir(request: gr.Request | None) -> Path:
-    folder = SESSIONS_DIR / (request.session_hash if request and request.session_hash else "anonymous")
-    folder.mkdir(parents=True, exist_ok=True)
-    return folder
+class UploadedImage(gr.Image):
+    """gr.Image whose upload reaches the handler undecoded, as a file path: recon3d.images checks it (format,
+    header size, truncation) and refuses it with its own one-line message, where gr.Image would decode it with
+    PIL first and answer a bad file with a multi-line error that names server paths."""
+
+    is_template = True  # the browser side is gr.Image's
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        if payload.url and payload.url.startswith("data:"):  # pasted or sent inline as base64: store the bytes
+            return self._store_inline(payload.url)
+        return str(payload.path)
+
+    def _store_inline(self, data_url: str) -> str:
+        try:
+            data = base64.b64decode(data_url.split(",", 1)[1], validate=True)
+        except (IndexError, ValueError):
+            raise gr.Error("the pasted image is not valid base64 data") from None
+        path = Path(self.GRADIO_CACHE) / "recon3d-inline" / os.urandom(16).hex()
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(data)
+        return str(path)
 
 
-def remove_session_dir(request: gr.Request) -> None:
-    shutil.rmtree(SESSIONS_DIR / request.session_hash, ignore_errors=True)
+def visitor_id(request: gr.Request | None) -> str:
+    return request.session_hash if request is not None and request.session_hash else "anonymous"
 
 
 def timings_table(result) -> str:
@@ -59,62 +85,115 @@ def timings_table(result) -> str:
             f"{stats['field_queries']:,} points (a dense grid: {stats['dense_queries']:,})")
 
 
-def make_image_to_3d_handler(service: ModelService):
+def image_options(remove_background, foreground_ratio, mesh_resolution, remove_floaters) -> ImageTo3DOptions:
+    """The form's values as pipeline options; a value out of range is refused with a message, never clamped."""
+    try:
+        ratio, resolution = float(foreground_ratio), float(mesh_resolution)
+    except (TypeError, ValueError):
+        raise gr.Error("Foreground ratio and mesh resolution must be numbers.") from None
+    if resolution != int(resolution):
+        raise gr.Error(f"Mesh resolution must be a whole number, got {resolution:g}.")
+    options = ImageTo3DOptions(foreground_ratio=ratio, mesh_resolution=int(resolution),
+                               remove_background=bool(remove_background),
+                               remove_floaters=FLOATER_FRACTION if remove_floaters else 0.0)
+    try:
+        return options.validate()
+    except ValueError as exc:
+        raise gr.Error(f"{str(exc)[:1].upper()}{str(exc)[1:]}.") from None
+
+
+def image_job(service: ModelService, sessions: Sessions, session: str, checkpoint: str, image_path: str,
+              options: ImageTo3DOptions, cancel: CancelToken):
+    """Load the checkpoint, run the pipeline and write the outputs (in a worker thread); progress events, the
+    last carrying (pipeline, result, processed-image path, GLB path)."""
+    yield Progress("load", 0.0, "Loading the checkpoint")
+    pipe = service.image_to_3d(checkpoint)
+    for event in pipe.run(image_path, options, cancel):
+        if event.result is None:
+            yield event
+            continue
+        result = event.result
+        yield Progress("write", 0.97, "Writing the GLB")
+        glb = result.save_glb(sessions.output_path(session, Path(image_path).stem, ".glb"))
+        processed = sessions.output_path(session, "input", ".png")
+        result.processed_image.save(processed)
+        yield Progress("done", 1.0, event.message, result=(pipe, result, processed, glb))
+
+
+def make_image_to_3d_handler(service: ModelService, sessions: Sessions):
     @gpu_task
-    def image_to_3d(image_path, checkpoint, remove_background, foreground_ratio, mesh_resolution,
-                    remove_floaters=True, request: gr.Request = None, progress=gr.Progress()):
+    async def image_to_3d(image_path, checkpoint, remove_background, foreground_ratio, mesh_resolution,
+                          remove_floaters=True, request: gr.Request = None, progress=gr.Progress()):
         """Reconstruct a textured mesh from one image. Returns the processed input, the GLB (viewer and file)
         and a table of stage timings."""
         if not image_path:
             raise gr.Error("Upload an image first (PNG, JPEG or WebP).")
-        options = ImageTo3DOptions(foreground_ratio=float(foreground_ratio), mesh_resolution=int(mesh_resolution),
-                                   remove_background=bool(remove_background),
-                                   remove_floaters=FLOATER_FRACTION if remove_floaters else 0.0)
-        try:
-            pipe = service.image_to_3d(checkpoint)
-            result = None
-            for event in pipe.run(image_path, options):
-                progress(event.fraction, desc=event.message)
-                result = event.result or result
-        except (CheckpointError, ImageError, EmptyMeshError, ValueError) as exc:
-            raise gr.Error(str(exc)) from None
-        except torch.OutOfMemoryError:
-            torch.cuda.empty_cache()
-            raise gr.Error("Out of GPU memory: try a lower mesh resolution or a smaller checkpoint.") from None
-        glb = result.save_glb(session_dir(request) / f"{Path(image_path).stem}-{int(time.time() * 1000)}.glb")
+        options = image_options(remove_background, foreground_ratio, mesh_resolution, remove_floaters)
+        session, outputs = visitor_id(request), None
+        with sessions.job(session) as cancel:
+            try:
+                job = image_job(service, sessions, session, checkpoint, image_path, options, cancel)
+                async for event in iterate_in_thread(job, cancel):
+                    progress(event.fraction, desc=event.message)
+                    outputs = event.result or outputs
+            except USER_ERRORS as exc:
+                raise gr.Error(str(exc)) from None
+            except Cancelled:
+                raise gr.Error("The job was cancelled.") from None
+            except Exception as exc:  # one line for the visitor, the traceback for the log
+                if is_out_of_memory(exc):
+                    free_device_memory()
+                    raise gr.Error("Out of memory: try a lower mesh resolution or a smaller checkpoint.") from None
+                log.exception("image_to_3d failed")
+                raise gr.Error(f"Unexpected error ({type(exc).__name__}): {str(exc)[:200]}") from None
+        pipe, result, processed, glb = outputs
         notes = "".join(f"\n\n> {note}" for note in result.notes)
         label = "\n\n**Random weights: this mesh is meaningless.**" if pipe.random_weights else ""
-        return result.processed_image, str(glb), str(glb), timings_table(result) + notes + label
+        return str(processed), str(glb), str(glb), timings_table(result) + notes + label
 
     return image_to_3d
 
 
-def build_image_tab(service: ModelService) -> None:
+def resolution_help(service: ModelService) -> str:
+    text = f"{MIN_RESOLUTION}..{MAX_RESOLUTION}, points per axis of the density grid."
+    return f"{text} {cpu_cost_note(load_cpu_costs(CPU_BENCHMARK))}" if service.device.type == "cpu" else text
+
+
+def build_image_tab(service: ModelService, sessions: Sessions) -> None:
     choices = service.lrm_choices()
     default = DEFAULT_LRM if any(v == DEFAULT_LRM for _, v in choices) else choices[0][1]
+    low, high = FOREGROUND_RATIO_RANGE
     with gr.Row():
         with gr.Column():
-            image = gr.Image(label="Input image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                             elem_id="input-image")
+            image = UploadedImage(label="Input image", type="filepath", image_mode=None,
+                                  sources=["upload", "clipboard"], elem_id="input-image")
             checkpoint = gr.Dropdown(choices, value=default, label="Checkpoint")
             remove_background = gr.Checkbox(True, label="Remove background (when the image has no transparency)")
-            foreground_ratio = gr.Slider(0.5, 1.0, value=0.8, step=0.05, label="Foreground ratio")
-            mesh_resolution = gr.Slider(MIN_RESOLUTION, MAX_RESOLUTION, value=256, step=32, label="Mesh resolution")
+            foreground_ratio = gr.Number(0.8, step=0.05, label=f"Foreground ratio ({low:g}..{high:g})",
+                                         info="The object's longer side as a fraction of the square input.",
+                                         elem_id="foreground-ratio")
+            mesh_resolution = gr.Number(default_resolution(service.device), step=32,
+                                        label=f"Mesh resolution ({MIN_RESOLUTION}..{MAX_RESOLUTION})",
+                                        info=resolution_help(service), elem_id="mesh-resolution")
             remove_floaters = gr.Checkbox(True, label="Remove floaters (small detached parts)")
-            generate = gr.Button("Generate", variant="primary", elem_id="generate")
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
             gr.Examples(EXAMPLES, inputs=[image], label="Examples (click one)")
         with gr.Column():
-            processed = gr.Image(label="Processed input", interactive=False, height=200)
+            processed = gr.Image(label="Processed input", interactive=False, height=200, type="filepath")
             viewer = gr.Model3D(label="3D model", clear_color=(0.85, 0.85, 0.85, 1.0), height=420, elem_id="viewer")
             download = gr.File(label="Download GLB", elem_id="download")
             timings = gr.Markdown(elem_id="timings")
-    generate.click(make_image_to_3d_handler(service),
-                   inputs=[image, checkpoint, remove_background, foreground_ratio, mesh_resolution, remove_floaters],
-                   outputs=[processed, viewer, download, timings],
-                   api_name="image_to_3d", concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    job = generate.click(make_image_to_3d_handler(service, sessions),
+                         inputs=[image, checkpoint, remove_background, foreground_ratio, mesh_resolution,
+                                 remove_floaters],
+                         outputs=[processed, viewer, download, timings], show_progress_on=[viewer],
+                         api_name="image_to_3d", concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    cancel.click(fn=None, cancels=[job], api_name=False)
 
 
-def build_app(service: ModelService) -> gr.Blocks:
+def build_app(service: ModelService, sessions: Sessions) -> gr.Blocks:
     with gr.Blocks(title="recon3d", delete_cache=(1800, 3600)) as demo:
         gr.Markdown("# recon3d\nA photo in, a 3D model out: spin it, then download the GLB.")
         if service.settings.random_weights:
@@ -123,9 +202,16 @@ def build_app(service: ModelService) -> gr.Blocks:
             gr.Markdown("**The Hugging Face Hub is unreachable**: only checkpoints already in the local cache can "
                         "be used. Download them elsewhere (`hf download REPO`) or run with `--random-weights`.")
         with gr.Tab("Image to 3D"):
-            gr.Markdown(f"LRM (Hong et al., ICLR 2024) with the OpenLRM v1.1 weights, licensed **{OPENLRM_LICENCE}**.")
-            build_image_tab(service)
-        demo.unload(remove_session_dir)
+            gr.Markdown(f"LRM (Hong et al., ICLR 2024) with the OpenLRM v1.1 weights, licensed **{OPENLRM_LICENCE}**. "
+                        f"Your files are private to this browser tab and deleted when you close it "
+                        f"(API calls: after {sessions.ttl_s / 60:g} minutes).")
+            build_image_tab(service, sessions)
+
+        def end_session(request: gr.Request) -> None:
+            """The visitor left: cancel their running job and delete their files."""
+            sessions.end(visitor_id(request))
+
+        demo.unload(end_session)
     return demo
 
 
@@ -138,6 +224,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--max-queue", type=int, default=16, help="requests waiting at most")
+    parser.add_argument("--output-ttl", type=float, default=OUTPUT_TTL_S, metavar="SECONDS",
+                        help="remove a visitor's files this long after their last job (default: 3600)")
     return parser.parse_args(argv)
 
 
@@ -146,10 +234,11 @@ def main(argv=None) -> None:
     device, dtype = choose_device(args.device, args.dtype)
     service = ModelService(ServiceSettings(random_weights=args.random_weights, device=device, dtype=dtype))
     service.warm_up()
-    demo = build_app(service)
+    sessions = Sessions(OUTPUTS_DIR, ttl_s=args.output_ttl)
+    sessions.start_janitor(every_s=min(60.0, args.output_ttl / 2))
+    demo = build_app(service, sessions)
     demo.queue(max_size=args.max_queue, default_concurrency_limit=1)
-    demo.launch(server_name=args.host, server_port=args.port, allowed_paths=[str(SESSIONS_DIR)],
-                show_error=True)
+    demo.launch(server_name=args.host, server_port=args.port, show_error=True)
 
 
 if __name__ == "__main__":

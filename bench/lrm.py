@@ -35,7 +35,7 @@ from recon3d.mesh import MIN_RESOLUTION, EmptyMeshError, coarse_to_fine_grid
 from recon3d.models.lrm import PUBLISHED_CONFIGS, TINY_CONFIG, LRMConfig
 
 REPO = Path(__file__).resolve().parents[1]
-STAGES = ("preprocess", "encoder", "transformer", "grid_queries", "marching_cubes", "vertex_colors", "glb_write")
+STAGES = ("preprocess", "remove_background", "encoder", "transformer", "grid_queries", "marching_cubes", "vertex_colors", "glb_write")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OOM_ERRORS = (torch.OutOfMemoryError, MemoryError)
 TARGET_GPU_SECONDS = 1.0  # image -> GLB, base, 256^3, on a GPU
@@ -151,9 +151,11 @@ def make_pipe(cfg: LRMConfig, device: torch.device, dtype: torch.dtype) -> Image
     return pipe
 
 
-def run_once(pipe: ImageTo3D, image: str, resolution: int, workdir: Path) -> dict:
-    """One image -> GLB: stage seconds, memory and query counts."""
-    options = ImageTo3DOptions(mesh_resolution=resolution, remove_background=False, density_threshold=None)
+def run_once(pipe: ImageTo3D, image: str, resolution: int, workdir: Path, remove_background: bool = False) -> dict:
+    """One image -> GLB: stage seconds, memory and query counts. With ``remove_background`` the app's default
+    path: rembg runs as its own stage (when its model is installed; otherwise the run notes why not)."""
+    options = ImageTo3DOptions(mesh_resolution=resolution, remove_background=remove_background,
+                               density_threshold=None)
     with MemoryMeter(pipe.device) as meter:
         start, result = time.perf_counter(), None
         for event in pipe.run(image, options):
@@ -165,12 +167,13 @@ def run_once(pipe: ImageTo3D, image: str, resolution: int, workdir: Path) -> dic
     seconds["glb_write"] = end - glb_start
     seconds["total"] = end - start
     stats = dict(result.stats, glb_bytes=glb.stat().st_size)
-    return {"seconds": seconds, "memory": meter.result, "stats": stats}
+    return {"seconds": seconds, "memory": meter.result, "stats": stats, "notes": result.notes}
 
 
 def summarize(runs: list[dict]) -> dict:
     """Median seconds over the repeats, the largest peak memory, the first run's counts."""
-    seconds = {key: statistics.median(run["seconds"][key] for run in runs) for key in runs[0]["seconds"]}
+    seconds = {key: None if runs[0]["seconds"][key] is None else statistics.median(run["seconds"][key] for run in runs)
+               for key in runs[0]["seconds"]}
     memory = dict(runs[0]["memory"])
     for key in ("peak_mib", "increase_mib", "process_peak_mib", "reserved_peak_mib"):
         if memory.get(key) is not None:
@@ -190,7 +193,8 @@ def _free(device: torch.device) -> None:
 def bench_setting(size: str, device: torch.device, dtype_name: str, args: argparse.Namespace) -> list[dict]:
     """All resolutions of one size on one device and dtype; OOM and empty meshes are recorded, not raised."""
     cfg, source = load_config(size)
-    base = {"size": size, "config_source": source, "device": device.type, "dtype": dtype_name}
+    base = {"size": size, "config_source": source, "device": device.type, "dtype": dtype_name,
+            "remove_background": args.remove_background}
     records, pipe = [], None
     with tempfile.TemporaryDirectory() as tmp:
         try:
@@ -201,7 +205,8 @@ def bench_setting(size: str, device: torch.device, dtype_name: str, args: argpar
         for resolution in args.resolutions:
             record = dict(base, resolution=resolution)
             try:
-                runs = [run_once(pipe, args.image, resolution, Path(tmp)) for _ in range(args.repeats)]
+                runs = [run_once(pipe, args.image, resolution, Path(tmp), args.remove_background)
+                        for _ in range(args.repeats)]
                 record.update(status="ok", runs=runs, **summarize(runs))
             except OOM_ERRORS + (EmptyMeshError,) as error:
                 record.update(status=_status(error), error=str(error))
@@ -311,7 +316,8 @@ def query_table(records: list[dict]) -> str:
 def example_table(records: list[dict]) -> str:
     headers = ["object", "res", "coarse-to-fine", "dense", "dense/c2f", "active cells", "seconds"]
     rows = [[r["object"], r["resolution"], r["coarse_to_fine"], r["dense"], r["ratio"],
-             f"{r['active_cells']:,}/{r['cells']:,}", r["seconds"]] for r in records]
+             f"{r['active_cells']:,}/{r['cells']:,}" if "active_cells" in r else "dense grid", r["seconds"]]
+            for r in records]
     return format_table(headers, rows)
 
 
@@ -331,7 +337,9 @@ def check_targets(records: list[dict], examples: list[dict]) -> dict:
 
 
 def print_report(records: list[dict], examples: list[dict], targets: dict) -> None:
-    print("\nImage -> GLB, seconds per stage (median of repeats) and peak memory"
+    path = ("background removal on (the app's default path for photos without transparency)"
+            if args_remove_background(records) else "background removal off (as for images with transparency)")
+    print(f"\nImage -> GLB, seconds per stage (median of repeats) and peak memory; {path}"
           "\n(peak MiB: CUDA max allocated, or CPU peak RSS of the process during the run; +MiB: over the start)")
     print(stage_table(records))
     print("\nField queries on the random-weight LRM field (noisy: a pessimistic case)"
@@ -344,6 +352,10 @@ def print_report(records: list[dict], examples: list[dict], targets: dict) -> No
     print(f"  GPU base 256^3: {_target_text(targets['gpu_base_256_seconds'], targets['gpu_base_256_under_1s'])}")
     print(f"  example objects at 256^3: min ratio {_cell(targets['examples_256_min_ratio'])}, median "
           f"{_cell(targets['examples_256_median_ratio'])} -> {_verdict(targets['examples_256_at_least_5x'])}")
+
+
+def args_remove_background(records: list[dict]) -> bool:
+    return any(r.get("remove_background") for r in records)
 
 
 def _target_text(seconds: dict | None, met: dict | None) -> str:
@@ -370,6 +382,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--image", default=str(REPO / "examples" / "duck.png"))
     parser.add_argument("--json", default=None, help="default: bench/results/lrm-<device kind>.json")
     parser.add_argument("--quick", action="store_true", help="tiny config at 64^3 only: a smoke test")
+    parser.add_argument("--remove-background", action="store_true",
+                        help="the app's default path: background removal (rembg u2net) runs and is timed as a stage")
     args = parser.parse_args(argv)
     args.sizes, args.devices = _split(args.sizes), _split(args.devices)
     args.resolutions = [int(r) for r in _split(args.resolutions)]

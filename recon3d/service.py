@@ -4,6 +4,8 @@ Hub is reachable (decided once, at start), and a small cache of loaded pipelines
 
 from __future__ import annotations
 
+import gc
+import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -15,6 +17,9 @@ from .checkpoints import OPENLRM_CHECKPOINTS
 from .hub import CheckpointError, hub_reachable
 from .models.lrm import PUBLISHED_CONFIGS, TINY_CONFIG
 from .pipelines.image_to_3d import ImageTo3D
+
+CPU_DEFAULT_RESOLUTION = 128  # on a CPU, 256^3 takes minutes
+GPU_DEFAULT_RESOLUTION = 256
 
 RANDOM_CHOICES = {
     "random-tiny (random weights)": TINY_CONFIG,
@@ -85,3 +90,42 @@ class ModelService:
         if name not in known and not Path(name).is_dir():
             raise CheckpointError(f"{name}: unknown checkpoint")
         return ImageTo3D.from_pretrained(name, device=self.device, dtype=self.dtype, offline=self.offline)
+
+
+def default_resolution(device: torch.device) -> int:
+    return CPU_DEFAULT_RESOLUTION if torch.device(device).type == "cpu" else GPU_DEFAULT_RESOLUTION
+
+
+def load_cpu_costs(bench_json: str | Path) -> dict[str, dict[int, float]]:
+    """Image -> GLB seconds on a CPU per checkpoint size and mesh resolution, as bench/lrm.py recorded them
+    ({} when the file is missing or holds no CPU run)."""
+    try:
+        runs = json.loads(Path(bench_json).read_text())["runs"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    costs: dict[str, dict[int, float]] = {}
+    for run in runs:
+        if run.get("status") == "ok" and run.get("device") == "cpu" and run.get("dtype") == "float32":
+            costs.setdefault(run["size"], {})[int(run["resolution"])] = float(run["seconds"]["total"])
+    return costs
+
+
+def cpu_cost_note(costs: dict[str, dict[int, float]]) -> str:
+    """One sentence for people: what a job costs on a CPU server at each resolution."""
+    if not costs:
+        return "On a CPU a job takes minutes at 256 and above."
+    parts = [f"{size}: " + ", ".join(f"{seconds:.0f} s at {resolution}" for resolution, seconds in sorted(c.items()))
+             for size, c in costs.items()]
+    return ("On this CPU server a job takes about " + "; ".join(parts) + " (bench/lrm.py on 2 cores with "
+            "random weights, whose noisy field makes meshing slower than for a real object).")
+
+
+def is_out_of_memory(error: BaseException) -> bool:
+    return isinstance(error, (torch.OutOfMemoryError, MemoryError))
+
+
+def free_device_memory() -> None:
+    """After an out-of-memory error: give cached GPU blocks back so the next job can start."""
+    gc.collect()
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()

@@ -1,6 +1,8 @@
 """The launched app: its named API through gradio_client, and a real browser rendering the mesh."""
 
+import json
 import os
+import re
 import shutil
 import socket
 import subprocess
@@ -14,6 +16,7 @@ import pytest
 from conftest import ROOT, glb_summary
 
 RANDOM_TINY = "random-tiny (random weights)"
+OUTPUT_TTL_S = 20  # the test app removes the files of callers without a browser session after this
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--use-gl=angle",
@@ -29,7 +32,7 @@ def free_port():
 def launch_app(tmp_path_factory, *flags):
     port = free_port()
     log = open(tmp_path_factory.mktemp("app") / "app.log", "w")
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "GRADIO_HEARTBEAT_INTERVAL": "1"}
     proc = subprocess.Popen([sys.executable, str(ROOT / "app.py"), *flags, "--port", str(port)],
                             cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}/"
@@ -49,7 +52,7 @@ def launch_app(tmp_path_factory, *flags):
 
 @pytest.fixture(scope="module")
 def app_url(tmp_path_factory):
-    proc, url = launch_app(tmp_path_factory, "--random-weights")
+    proc, url = launch_app(tmp_path_factory, "--random-weights", "--output-ttl", str(OUTPUT_TTL_S))
     yield url
     proc.terminate()
     proc.wait(timeout=30)
@@ -72,20 +75,53 @@ def test_without_reachable_weights_the_page_says_so_and_generate_explains(tmp_pa
         proc.wait(timeout=30)
 
 
-def test_named_endpoint_returns_a_valid_glb_and_survives_bad_input(app_url, tmp_path):
+def png_header_claiming(width, height):
+    """A small PNG whose header claims ``width`` x ``height`` pixels (a decompression bomb's first bytes)."""
+    import io
+    import struct
+    import zlib
+
+    from PIL import Image
+
+    buffer = io.BytesIO()
+    Image.new("L", (64, 64)).save(buffer, "PNG")
+    data = bytearray(buffer.getvalue())
+    ihdr = struct.pack(">II", width, height) + bytes(data[24:29])
+    data[16:29] = ihdr
+    data[29:33] = struct.pack(">I", zlib.crc32(b"IHDR" + ihdr))
+    return bytes(data)
+
+
+def test_uploads_are_checked_by_recon3d_with_one_line_messages(app_url, tmp_path):
     from gradio_client import Client, handle_file
 
     client = Client(app_url, verbose=False)
     assert "/image_to_3d" in client.view_api(print_info=False, return_format="dict")["named_endpoints"]
-    bad = tmp_path / "bad.png"
-    bad.write_bytes((ROOT / "examples" / "duck.png").read_bytes()[:3000])  # a valid header, then cut off
-    with pytest.raises(Exception, match="truncated or corrupt"):
-        client.predict(handle_file(str(bad)), RANDOM_TINY, True, 0.8, 64, True, api_name="/image_to_3d")
+    text = tmp_path / "notes.png"
+    text.write_text("a text file with an image's name")
+    bomb = tmp_path / "bomb.png"
+    bomb.write_bytes(png_header_claiming(20000, 20000))
+    cut = tmp_path / "cut.png"
+    cut.write_bytes((ROOT / "examples" / "duck.png").read_bytes()[:3000])  # a valid header, then cut off
+    cases = {text: "^notes.png: not an image file \\(PNG, JPEG or WebP expected\\)$",
+             bomb: "^bomb.png: too many pixels \\(limit 40 MP\\)$",
+             cut: "^cut.png: the file is truncated or corrupt"}
+    for path, message in cases.items():
+        with pytest.raises(Exception) as refused:
+            client.predict(handle_file(str(path)), RANDOM_TINY, True, 0.8, 64, True, api_name="/image_to_3d")
+        assert re.search(message, str(refused.value)), str(refused.value)
+        assert "\n" not in str(refused.value) and "/tmp" not in str(refused.value)  # one line, no server paths
+    for ratio, resolution, message in ((0.8, 10000, "Mesh resolution must be between 64 and 512, got 10000"),
+                                       (0.2, 64, "Foreground ratio must be between 0.5 and 1, got 0.2"),
+                                       (0.8, 100.5, "Mesh resolution must be a whole number")):
+        with pytest.raises(Exception, match=message):  # refused, not clamped
+            client.predict(handle_file(str(ROOT / "examples" / "duck.png")), RANDOM_TINY, True, ratio, resolution,
+                           True, api_name="/image_to_3d")
     processed, viewer_glb, file_glb, timings = client.predict(
         handle_file(str(ROOT / "examples" / "duck.png")), RANDOM_TINY, True, 0.8, 64, True, api_name="/image_to_3d")
     positions, normals, colours, indices = glb_summary(file_glb)
     assert len(positions) > 100 and len(indices) > 100
-    assert "encoder" in timings and "Random weights" in timings
+    assert "| encoder |" in timings and "| glb write |" in timings and "Random weights" in timings
 
 
 def require_chromium():
@@ -95,7 +131,7 @@ def require_chromium():
         pytest.skip("Chromium is not installed (apt-get install chromium)")
 
 
-def test_real_browser_shows_the_mesh(app_url, tmp_path):
+def test_real_browser_shows_the_mesh_and_its_files_go_with_the_tab(app_url, tmp_path):
     require_chromium()
     from playwright.sync_api import sync_playwright
 
@@ -107,15 +143,51 @@ def test_real_browser_shows_the_mesh(app_url, tmp_path):
             page.wait_for_selector("#generate", timeout=60000)
             assert "Random weights" in page.inner_text("#random-weights-banner")
             page.locator("#input-image input[type=file]").set_input_files(str(ROOT / "examples" / "duck.png"))
-            page.get_by_label("Mesh resolution").first.fill("64")  # keep CPU meshing quick
+            page.locator("#mesh-resolution input").fill("64")  # keep CPU meshing quick
             page.locator("#generate").click()
             canvas = page.locator("#viewer canvas")
             canvas.wait_for(state="visible", timeout=90000)
             centre = wait_for_mesh_pixels(page, canvas)
             page.screenshot(path=str(tmp_path / "app.png"))
+            link = page.locator("#download a").first.get_attribute("href")
+            glb_url = link if link.startswith("http") else app_url.rstrip("/") + link
+            served_during_session = http_status(glb_url)
+            page.close()  # the visitor leaves: the heartbeat stops and the app's unload runs
+            deadline = time.time() + 30
+            while time.time() < deadline and http_status(glb_url) not in GONE:
+                time.sleep(0.5)
+            served_after_session = http_status(glb_url)
         finally:
             browser.close()
     assert shows_mesh(centre), "the centre of the viewer shows no mesh"
+    assert served_during_session == 200
+    assert served_after_session in GONE, "the GLB is still served after its visitor left"
+
+
+def test_a_job_whose_visitor_left_is_cancelled(app_url):
+    require_chromium()
+    from gradio_client import Client, handle_file
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1280, "height": 1100})
+            page.goto(app_url, wait_until="domcontentloaded")
+            page.wait_for_selector("#generate", timeout=60000)
+            page.locator("#input-image input[type=file]").set_input_files(str(ROOT / "examples" / "duck.png"))
+            page.locator("#mesh-resolution input").fill("512")  # minutes on a CPU
+            page.locator("#generate").click()
+            page.get_by_text("Extracting the mesh").first.wait_for(timeout=60000)
+            page.close()  # the visitor leaves mid-job
+        finally:
+            browser.close()
+    started = time.time()
+    client = Client(app_url, verbose=False)
+    outputs = client.predict(handle_file(str(ROOT / "examples" / "duck.png")), RANDOM_TINY, True, 0.8, 64, True,
+                             api_name="/image_to_3d")
+    glb_summary(outputs[2])
+    assert time.time() - started < 60  # the abandoned 512^3 job no longer holds the only GPU slot
 
 
 CLEAR = np.array([0.85, 0.85, 0.85]) * 255  # the viewer's clear colour
@@ -143,24 +215,6 @@ def wait_for_mesh_pixels(page, canvas, timeout=60.0):
             break
         time.sleep(0.5)
     return centre
-
-
-def test_session_folders_are_per_session_and_removed_on_unload(monkeypatch, tmp_path):
-    import importlib
-
-    sys.path.insert(0, str(ROOT))
-    app = importlib.import_module("app")
-    monkeypatch.setattr(app, "SESSIONS_DIR", tmp_path)
-
-    class Request:  # the two gr.Request attributes the handlers use
-        def __init__(self, session_hash):
-            self.session_hash = session_hash
-
-    a, b = app.session_dir(Request("alice")), app.session_dir(Request("bob"))
-    (a / "mesh.glb").write_bytes(b"x")
-    assert a != b and a.parent == b.parent == tmp_path
-    app.remove_session_dir(Request("alice"))
-    assert not a.exists() and b.exists()
 
 
 class FrontRedTopGreen:
@@ -213,43 +267,155 @@ def test_viewer_shows_the_front_upright(tmp_path):
 class OutOfMemoryPipe:
     random_weights = False
 
-    def run(self, image, options):
+    def run(self, image, options, cancel):
         import torch
 
         yield from ()
         raise torch.OutOfMemoryError("CUDA out of memory")
 
 
-def test_out_of_memory_becomes_a_clear_ui_error():
+def import_app():
     import importlib
+
+    sys.path.insert(0, str(ROOT))
+    return importlib.import_module("app")
+
+
+def test_out_of_memory_and_a_missing_image_become_clear_ui_errors(tmp_path):
+    import asyncio
 
     import gradio as gr
 
-    sys.path.insert(0, str(ROOT))
-    app = importlib.import_module("app")
+    from recon3d.sessions import Sessions
+
+    app = import_app()
 
     class Service:
         def image_to_3d(self, name):
             return OutOfMemoryPipe()
 
-    handler = app.make_image_to_3d_handler(Service())
-    with pytest.raises(gr.Error, match="Out of GPU memory: try a lower mesh resolution"):
-        handler(str(ROOT / "examples" / "duck.png"), "any", True, 0.8, 256, True, progress=lambda *a, **k: None)
+    handler = app.make_image_to_3d_handler(Service(), Sessions(tmp_path))
+
+    def call(image):
+        return asyncio.run(handler(image, "any", True, 0.8, 256, True, progress=lambda *a, **k: None))
+
+    with pytest.raises(gr.Error, match="Out of memory: try a lower mesh resolution"):
+        call(str(ROOT / "examples" / "duck.png"))
     with pytest.raises(gr.Error, match="Upload an image first"):
-        handler(None, "any", True, 0.8, 256, True, progress=lambda *a, **k: None)
+        call(None)
 
 
-def test_gpu_work_shares_one_bounded_queue_and_sessions_are_cleaned_on_unload():
-    import importlib
-
-    sys.path.insert(0, str(ROOT))
-    app = importlib.import_module("app")
+def test_one_bounded_gpu_queue_a_cancel_button_and_one_progress_display():
     from recon3d.service import ModelService, ServiceSettings
+    from recon3d.sessions import Sessions
 
-    demo = app.build_app(ModelService(ServiceSettings(random_weights=True)))
+    app = import_app()
+    demo = app.build_app(ModelService(ServiceSettings(random_weights=True)), Sessions(app.OUTPUTS_DIR))
     demo.queue(max_size=app.parse_args([]).max_queue, default_concurrency_limit=1)
     fns = {fn.name: fn for fn in demo.fns.values()}
     assert (fns["image_to_3d"].concurrency_id, fns["image_to_3d"].concurrency_limit) == (app.GPU_QUEUE, 1)
     assert demo._queue.max_size == 16
-    unload = [d for d in demo.config["dependencies"] if d["targets"] == [(None, "unload")]]
-    assert [d["api_name"] for d in unload] == ["remove_session_dir"]
+    dependencies = demo.config["dependencies"]
+    generate = next(d for d in dependencies if d["api_name"] == "image_to_3d")
+    viewer = next(c["id"] for c in demo.config["components"] if c["props"].get("elem_id") == "viewer")
+    assert generate["show_progress_on"] == [viewer]  # one progress bar, not one per output panel
+    cancel_button = next(c["id"] for c in demo.config["components"] if c["props"].get("elem_id") == "cancel")
+    cancels = [d["cancels"] for d in dependencies if d["targets"] == [(cancel_button, "click")]]
+    assert [generate["id"]] in cancels
+    unload = [d for d in dependencies if d["targets"] == [(None, "unload")]]
+    assert [d["api_name"] for d in unload] == ["end_session"]
+
+
+def test_cpu_servers_default_to_a_lower_resolution_and_say_what_a_job_costs():
+    import torch
+
+    from recon3d.service import cpu_cost_note, default_resolution, load_cpu_costs
+
+    assert default_resolution(torch.device("cpu")) == 128 and default_resolution(torch.device("cuda")) == 256
+    app = import_app()
+    recorded = json.loads(app.CPU_BENCHMARK.read_text())["runs"]
+    costs = load_cpu_costs(app.CPU_BENCHMARK)
+    note = cpu_cost_note(costs)
+    for run in recorded:  # every CPU figure of the benchmark reaches the page
+        assert costs[run["size"]][run["resolution"]] == run["seconds"]["total"]
+        assert f"{run['seconds']['total']:.0f} s at {run['resolution']}" in note
+    assert {128, 256} <= set(costs["base"])
+    assert load_cpu_costs(app.CPU_BENCHMARK.parent / "missing.json") == {}
+
+
+def rest_generate(url, image=ROOT / "examples" / "duck.png", resolution=64):
+    """One job through the REST routes (no browser session, no gradio_client): the GLB's file URL."""
+    import httpx
+
+    api = url + "gradio_api"
+    with open(image, "rb") as handle:
+        uploaded = httpx.post(f"{api}/upload", files={"files": (image.name, handle, "image/png")}).json()[0]
+    data = [{"path": uploaded, "meta": {"_type": "gradio.FileData"}}, RANDOM_TINY, True, 0.8, resolution, True]
+    event = httpx.post(f"{api}/call/image_to_3d", json={"data": data}).json()["event_id"]
+    with httpx.stream("GET", f"{api}/call/image_to_3d/{event}", timeout=120) as response:
+        stream = "".join(response.iter_text())
+    assert "event: complete" in stream, stream[-500:]
+    outputs = json.loads(stream.split("event: complete\ndata: ", 1)[1].split("\n", 1)[0])
+    return outputs[2]["url"]
+
+
+def http_status(url):
+    import httpx
+
+    return httpx.get(url, timeout=10).status_code
+
+
+GONE = (403, 404)  # Gradio answers 403 for a path that is no longer among the files it may serve
+
+
+def test_output_names_are_unguessable_and_api_files_expire(app_url):
+    first, second = rest_generate(app_url), rest_generate(app_url)  # two callers, the same image
+    tokens = []
+    for url in (first, second):
+        folder, name = url.split("/")[-2:]
+        match = re.fullmatch(r"duck-([0-9a-f]{32})\.glb", name)
+        assert match and re.fullmatch(r"[0-9a-f]{32}", folder), url  # 128-bit random folder and file tokens
+        tokens += [folder, match.group(1)]
+    assert len(set(tokens)) == 4  # nothing shared but the image's name
+    assert http_status(first) == 200 and http_status(second) == 200
+    deadline = time.time() + OUTPUT_TTL_S + 30
+    while time.time() < deadline and not (http_status(first) in GONE and http_status(second) in GONE):
+        time.sleep(1)
+    assert http_status(first) in GONE and http_status(second) in GONE, "API outputs outlived their TTL"
+
+
+def test_cancel_frees_the_queue_for_the_next_job(app_url):
+    from gradio_client import Client, handle_file
+
+    client = Client(app_url, verbose=False)
+    duck = handle_file(str(ROOT / "examples" / "duck.png"))
+    slow = client.submit(duck, RANDOM_TINY, True, 0.8, 512, True, api_name="/image_to_3d")  # minutes on a CPU
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        progress = slow.status().progress_data
+        if progress and progress[0].desc.startswith("Extracting the mesh"):
+            break
+        time.sleep(0.2)
+    else:
+        pytest.fail(f"the 512^3 job never reached the mesh stage: {slow.status()}")
+    time.sleep(1)  # well inside the grid queries
+    assert slow.cancel()
+    started = time.time()
+    processed, viewer_glb, file_glb, timings = client.predict(duck, RANDOM_TINY, True, 0.8, 64, True,
+                                                              api_name="/image_to_3d")
+    glb_summary(file_glb)
+    # one GPU slot: the next job could only start once the cancelled 512^3 job (minutes) let go of it
+    assert time.time() - started < 60
+
+
+def test_readme_client_example_runs_against_random_weights(app_url, tmp_path, monkeypatch):
+    readme = (ROOT / "README.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "gradio_client" in block)
+    assert 'checkpoint = "zxhezexin/openlrm-mix-base-1.1"' in code and RANDOM_TINY in code  # names the value
+    code = code.replace("http://127.0.0.1:7860/", app_url).replace('"zxhezexin/openlrm-mix-base-1.1"', repr(RANDOM_TINY))
+    monkeypatch.chdir(tmp_path)
+    (tmp_path / "photo.png").write_bytes((ROOT / "examples" / "duck.png").read_bytes())
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    glb_summary(namespace["glb_file"])
+    assert "**total**" in namespace["timings_md"] and "Random weights" in namespace["timings_md"]

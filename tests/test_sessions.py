@@ -1,0 +1,110 @@
+"""Private outputs and cancellable jobs of the app's visitors (recon3d.sessions, no UI)."""
+
+import asyncio
+import re
+import threading
+import time
+
+import pytest
+
+from recon3d.cancel import NEVER, Cancelled, CancelToken
+from recon3d.sessions import Sessions, iterate_in_thread, safe_stem
+
+
+class Clock:
+    def __init__(self):
+        self.now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_output_paths_carry_random_tokens_and_share_nothing_between_visitors(tmp_path):
+    sessions = Sessions(tmp_path)
+    a1, a2 = sessions.output_path("alice", "duck", ".glb"), sessions.output_path("alice", "duck", ".glb")
+    b = sessions.output_path("bob", "duck", ".glb")
+    for path in (a1, a2, b):
+        assert re.fullmatch(r"duck-[0-9a-f]{32}\.glb", path.name) and re.fullmatch(r"[0-9a-f]{32}", path.parent.name)
+        assert path.parent.parent == tmp_path and path.parent.is_dir()
+    assert a1.parent == a2.parent != b.parent  # one folder per visitor
+    assert len({a1.name, a2.name, b.name}) == 3
+    assert "alice" not in str(a1) and "bob" not in str(b)  # the visitor id never appears in a URL
+
+
+def test_file_names_from_user_text_are_tame():
+    assert safe_stem("../../etc/passwd") == "etc-passwd"
+    assert safe_stem("photo 1 (copy).final") == "photo-1-copy-final"
+    assert safe_stem("...") == "output" and len(safe_stem("x" * 300)) == 40
+
+
+def test_leaving_cancels_the_visitors_jobs_and_deletes_their_files(tmp_path):
+    sessions = Sessions(tmp_path)
+    mine, theirs = sessions.output_path("alice", "a", ".glb"), sessions.output_path("bob", "b", ".glb")
+    mine.write_bytes(b"glb")
+    theirs.write_bytes(b"glb")
+    with sessions.job("alice") as alice_job, sessions.job("bob") as bob_job:
+        sessions.end("alice")
+        assert alice_job.cancelled and not bob_job.cancelled
+        with pytest.raises(Cancelled):
+            alice_job.check()
+    assert not mine.exists() and not mine.parent.exists() and theirs.exists()
+
+
+def test_idle_folders_expire_but_not_while_a_job_runs(tmp_path):
+    clock = Clock()
+    sessions = Sessions(tmp_path, ttl_s=60, clock=clock)
+    idle, busy = sessions.output_path("api-1", "a", ".glb"), sessions.output_path("api-2", "b", ".glb")
+    clock.now += 30
+    assert sessions.expire() == []
+    with sessions.job("api-2"):
+        clock.now += 31  # both idle for 61 s, but api-2 has a job running
+        assert sessions.expire() == ["api-1"]
+        assert not idle.parent.exists() and busy.parent.exists()
+    assert sessions.expire() == []  # the job just ended: api-2 was used now
+    clock.now += 61
+    assert sessions.expire() == ["api-2"] and not busy.parent.exists()
+
+
+def slow_items(cancel: CancelToken, stopped: threading.Event):
+    """A blocking job: an item, then work that checks the token often, as the pipelines do."""
+    try:
+        yield "first"
+        for _ in range(500):
+            cancel.check()
+            time.sleep(0.01)
+        yield "never reached in the test"
+    finally:
+        stopped.set()
+
+
+def test_a_consumer_that_stops_listening_cancels_the_worker():
+    cancel, stopped = CancelToken(), threading.Event()
+
+    async def consume_one():
+        stream = iterate_in_thread(slow_items(cancel, stopped), cancel)
+        first = await stream.__anext__()
+        await stream.aclose()  # what the server does when the job is cancelled
+        return first
+
+    started = time.perf_counter()
+    assert asyncio.run(consume_one()) == "first"
+    assert cancel.cancelled and stopped.is_set()  # the worker stopped before aclose returned
+    assert time.perf_counter() - started < 2.0  # not the 5 s the uncancelled work would take
+
+
+def test_worker_errors_reach_the_consumer():
+    def failing():
+        yield 1
+        raise ValueError("bad input")
+
+    async def consume():
+        return [item async for item in iterate_in_thread(failing(), CancelToken())]
+
+    with pytest.raises(ValueError, match="bad input"):
+        asyncio.run(consume())
+
+
+def test_never_is_not_cancellable():
+    NEVER.check()
+    with pytest.raises(TypeError):
+        NEVER.cancel()
