@@ -127,6 +127,10 @@ async def iterate_in_thread(items: Iterator[T], cancel: CancelToken, join_timeou
             send("error", exc)
         else:
             send("done")
+        finally:  # a generator stopped between items runs its own clean-up here, in this thread
+            close = getattr(items, "close", None)
+            if close is not None:
+                close()
 
     worker = threading.Thread(target=work, name="recon3d-job", daemon=True)
     worker.start()
