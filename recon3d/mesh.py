@@ -56,9 +56,10 @@ class Mesh:
             normals.index_add_(0, faces[:, corner], face_normals)
         return F.normalize(normals, dim=1, eps=1e-12).numpy()
 
-    def save_glb(self, path: str | Path) -> Path:
+    def save_glb(self, path: str | Path, extras: dict | None = None) -> Path:
+        """Write a GLB; ``extras`` (JSON-able: how the mesh was made) goes into the glTF asset's extras."""
         path = Path(path)
-        path.write_bytes(mesh_to_glb(self))
+        path.write_bytes(mesh_to_glb(self, extras))
         return path
 
 
@@ -238,8 +239,9 @@ def srgb_to_linear(c: np.ndarray) -> np.ndarray:
     return np.where(c <= 0.04045, c / 12.92, ((c + 0.055) / 1.055) ** 2.4)
 
 
-def mesh_to_glb(mesh: Mesh) -> bytes:
-    """Binary glTF 2.0: POSITION, NORMAL, COLOR_0 (linear, as the spec wants), uint32 indices, y up."""
+def mesh_to_glb(mesh: Mesh, extras: dict | None = None) -> bytes:
+    """Binary glTF 2.0: POSITION, NORMAL, COLOR_0 (linear, as the spec wants), uint32 indices, y up; ``extras``
+    lands in ``asset.extras``."""
     positions = world_to_gltf(torch.from_numpy(mesh.vertices)).numpy().astype(np.float32)
     normals = world_to_gltf(torch.from_numpy(mesh.vertex_normals())).numpy().astype(np.float32)
     rgba = np.concatenate([srgb_to_linear(mesh.colors), np.ones((len(mesh.colors), 1))], 1)
@@ -249,7 +251,7 @@ def mesh_to_glb(mesh: Mesh) -> bytes:
     offsets = np.cumsum([0] + [len(b) for b in blobs]).tolist()  # every blob length is a multiple of 4
     n = len(positions)
     gltf = {
-        "asset": {"version": "2.0", "generator": "recon3d"},
+        "asset": {"version": "2.0", "generator": "recon3d", **({"extras": extras} if extras else {})},
         "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0}],
         "meshes": [{"primitives": [{"attributes": {"POSITION": 0, "NORMAL": 1, "COLOR_0": 2},
                                     "indices": 3, "material": 0, "mode": 4}]}],

@@ -90,9 +90,14 @@ class ModLN(nn.Module):
 
 
 class ConditionedBlock(nn.Module):
-    """x += CrossAttn(ModLN1(x), tokens); x += SelfAttn(ModLN2(x)); x += MLP(ModLN3(x))."""
+    """x += CrossAttn(ModLN1(x), tokens); x += SelfAttn(ModLN2(x)); x += MLP(ModLN3(x)).
 
-    def __init__(self, dim: int, heads: int, cond_dim: int, context_dim: int):
+    LRM conditions on the camera; DMV3D (``gated=True``) on the diffusion time, adaLN-Zero style: each branch is
+    also scaled by a gate computed from the condition, and :meth:`zero_init_modulation` makes the block start as
+    the identity. Without gates the parameters are exactly OpenLRM's.
+    """
+
+    def __init__(self, dim: int, heads: int, cond_dim: int, context_dim: int, gated: bool = False):
         super().__init__()
         self.norm1 = ModLN(dim, cond_dim)
         self.cross_attn = nn.MultiheadAttention(dim, heads, bias=False, batch_first=True,
@@ -101,27 +106,48 @@ class ConditionedBlock(nn.Module):
         self.self_attn = nn.MultiheadAttention(dim, heads, bias=False, batch_first=True)
         self.norm3 = ModLN(dim, cond_dim)
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(0.0), nn.Linear(4 * dim, dim))
+        self.gates = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 3 * dim)) if gated else None
+
+    def zero_init_modulation(self) -> None:
+        """adaLN-Zero: plain LayerNorms and closed gates at initialisation."""
+        for layer in (self.norm1.mlp[1], self.norm2.mlp[1], self.norm3.mlp[1], *(self.gates or [])[1:]):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+        if self.gates is None:
+            g1 = g2 = g3 = 1.0
+        else:
+            g1, g2, g3 = self.gates(cond).unsqueeze(1).chunk(3, dim=-1)  # (N, 1, D) each
         h = self.norm1(x, cond)
-        x = x + self.cross_attn(h, context, context, need_weights=False)[0]
+        x = x + g1 * self.cross_attn(h, context, context, need_weights=False)[0]
         h = self.norm2(x, cond)
-        x = x + self.self_attn(h, h, h, need_weights=False)[0]
-        return x + self.mlp(self.norm3(x, cond))
+        x = x + g2 * self.self_attn(h, h, h, need_weights=False)[0]
+        return x + g3 * self.mlp(self.norm3(x, cond))
 
 
 class TriplaneTransformer(nn.Module):
-    def __init__(self, cfg: LRMConfig):
+    """Triplane tokens attend to context tokens and to each other, modulated by a condition, then a LayerNorm."""
+
+    def __init__(self, dim: int, layers: int, heads: int, cond_dim: int, context_dim: int, gated: bool = False):
         super().__init__()
-        self.layers = nn.ModuleList(
-            ConditionedBlock(cfg.transformer_dim, cfg.transformer_heads, cfg.camera_embed_dim, cfg.encoder_feat_dim)
-            for _ in range(cfg.transformer_layers))
-        self.norm = nn.LayerNorm(cfg.transformer_dim, eps=1e-6)
+        self.layers = nn.ModuleList(ConditionedBlock(dim, heads, cond_dim, context_dim, gated) for _ in range(layers))
+        self.norm = nn.LayerNorm(dim, eps=1e-6)
 
     def forward(self, x: torch.Tensor, context: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x, context, cond)
         return self.norm(x)
+
+
+def upsample_planes(tokens: torch.Tensor, upsampler: nn.Module) -> torch.Tensor:
+    """Triplane tokens (N, 3*l*l, D), plane-major then row-major, -> planes (N, 3, C, 2l, 2l) through one
+    upsampler (a stride-2 transposed convolution) shared by the three planes."""
+    n, count, dim = tokens.shape
+    low = int(round((count // 3) ** 0.5))
+    x = tokens.reshape(n, 3, low, low, dim).permute(0, 1, 4, 2, 3).reshape(n * 3, dim, low, low)
+    planes = upsampler(x)  # (N*3, C, 2l, 2l)
+    return planes.reshape(n, 3, *planes.shape[1:])
 
 
 class Encoder(nn.Module):
@@ -162,7 +188,8 @@ class LRM(nn.Module):
         self.encoder = Encoder(cfg)
         self.camera_embedder = CameraEmbedder(16, cfg.camera_embed_dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, 3 * low * low, cfg.transformer_dim))  # learned triplane tokens
-        self.transformer = TriplaneTransformer(cfg)
+        self.transformer = TriplaneTransformer(cfg.transformer_dim, cfg.transformer_layers, cfg.transformer_heads,
+                                               cfg.camera_embed_dim, cfg.encoder_feat_dim)
         self.upsampler = nn.ConvTranspose2d(cfg.transformer_dim, cfg.triplane_dim, kernel_size=2, stride=2)
         self.synthesizer = Synthesizer(cfg.triplane_dim)
 
@@ -172,12 +199,10 @@ class LRM(nn.Module):
 
     def planes_from_tokens(self, tokens: torch.Tensor, cameras: torch.Tensor) -> torch.Tensor:
         """Image tokens (N, L, E) and source cameras (N, 16) -> planes (N, 3, C, 2*low, 2*low)."""
-        n, low, dim = tokens.shape[0], self.config.triplane_low_res, self.config.transformer_dim
+        n = tokens.shape[0]
         cond = self.camera_embedder(cameras.to(tokens.dtype))  # (N, 1024)
         x = self.transformer(self.pos_embed.expand(n, -1, -1), tokens, cond)  # (N, 3*low*low, D)
-        x = x.reshape(n, 3, low, low, dim).permute(0, 1, 4, 2, 3).reshape(n * 3, dim, low, low)
-        planes = self.upsampler(x)  # (N*3, C, 2*low, 2*low)
-        return planes.reshape(n, 3, *planes.shape[1:])
+        return upsample_planes(x, self.upsampler)
 
     def forward_planes(self, images: torch.Tensor, cameras: torch.Tensor) -> torch.Tensor:
         """images (N, 3, S, S) in [0, 1], cameras (N, 16) source-camera format -> planes (N, 3, C, 64, 64)."""

@@ -17,7 +17,8 @@ class Progress:
     stage: str  # short machine name, e.g. "encoder"
     fraction: float  # 0..1 of the whole job
     message: str  # for people
-    result: Any = None  # set on the final event only
+    result: Any = None  # set on the final event only (sampling: on each finished sample)
+    preview: Any = None  # an intermediate state to show (sampling: the current x0 views)
 
 
 def synchronize(device: torch.device) -> None:
