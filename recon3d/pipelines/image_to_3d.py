@@ -59,6 +59,7 @@ class ImageTo3DResult:
     def save_glb(self, path: str | Path) -> Path:
         return self.mesh.save_glb(path)
 
+    @torch.no_grad()
     def render_turntable(self, frames: int = 24, size: int | None = None, elevation_deg: float = 23.6,
                          distance: float = 2.0, fov_deg: float | None = None,
                          settings: RenderSettings | None = None) -> list[Image.Image]:
@@ -69,7 +70,7 @@ class ImageTo3DResult:
         intrinsics = cameras.intrinsics_from_fov(fov_deg)
         images = []
         for c2w in cameras.orbit_cameras(frames, elevation_deg, distance):
-            rgb = render_view(self.field, c2w, intrinsics, size, settings, self.planes.device)["rgb"]
+            rgb = render_view(self.field, c2w, intrinsics, size, settings)["rgb"].cpu()
             images.append(Image.fromarray((rgb.clamp(0, 1).numpy() * 255 + 0.5).astype("uint8")))
         return images
 
