@@ -1,10 +1,10 @@
 """Field -> density grid -> marching cubes -> vertex colours -> oriented GLB.
 
 The grid has ``resolution`` points per axis spanning [-1, 1]. :func:`coarse_to_fine_grid` evaluates the field on
-a coarse lattice (at most the field's ``sample_spacing`` apart: one texel of a triplane) first, then exactly in the coarse cells that may hold the
-iso-surface (crossing it, or rising close to it) plus a margin of one cell, and fills the rest by trilinear
-interpolation of the coarse values, which stays on the correct side of the level. The mesh then equals the one
-from the dense grid, thin parts included (tests check both).
+a coarse lattice (at most the field's ``sample_spacing`` apart, e.g. one triplane texel) first, then exactly in
+the coarse cells that may hold the iso-surface (crossing it, or rising close to it) plus a margin of one cell, and
+fills the rest by trilinear interpolation of the coarse values, which stays on the correct side of the level. The
+mesh then equals the one from the dense grid, thin parts included (tests check both).
 """
 
 from __future__ import annotations
@@ -282,6 +282,7 @@ FIELD_LEVEL = "field"  # MeshSettings.level: the field's own iso_level (picked f
 class MeshSettings:
     resolution: int = 256
     level: float | str | None = FIELD_LEVEL  # density iso-level; None picks one from the grid (see auto_level)
+    # (FIELD_LEVEL: the field's iso_level)
     coarse_to_fine: bool = True
     min_part_fraction: float = 0.0  # drop parts with fewer faces than this fraction of the largest (1: largest only)
     chunk: int = 262144
