@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 
-from lrm import REPO, MemoryMeter, format_table, machine_info  # bench/lrm.py: the same machine and memory reports
+from lrm import REPO, MemoryMeter, _mib, format_table, machine_info, write_report  # bench/lrm.py: same reports
 
 MODES = ("forward", "forward+backward")
 SMALL_LAYOUT = {"channels": 32, "plane_size": 64, "coarse_samples": 48, "fine_samples": 48}
@@ -108,10 +108,6 @@ def table(records: list[dict]) -> str:
     return format_table(headers, rows)
 
 
-def _mib(value: float | None) -> int | None:
-    return None if value is None else round(value)
-
-
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=1, help="objects B")
@@ -151,10 +147,9 @@ def main(argv: list[str] | None = None) -> dict | None:
           f"process; +MiB: over the start of the render)")
     print(table(records))
     report = {"machine": info, "args": vars(args), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "runs": records}
-    path = Path(args.json) if args.json else REPO / "bench" / "results" / f"render-{device.type}{'-quick' if args.quick else ''}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(report, indent=1))
-    print(f"\nwrote {path}")
+    suffix = "-quick" if args.quick else ""
+    write_report(Path(args.json) if args.json else REPO / "bench" / "results" / f"render-{device.type}{suffix}.json",
+                 report)
     return report
 
 
