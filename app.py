@@ -6,33 +6,24 @@
 from __future__ import annotations
 
 import argparse
-import base64
 import logging
+import math
 import os
 from pathlib import Path
 
 import gradio as gr
 from gradio.utils import get_upload_folder
 
-from recon3d.cancel import CancelToken, Cancelled
+from recon3d.cancel import Cancelled
 from recon3d.checkpoints import DEFAULT_LRM, OPENLRM_LICENCE
 from recon3d.devices import choose_device
 from recon3d.hub import CheckpointError
 from recon3d.images import FOREGROUND_RATIO_RANGE, ImageError
 from recon3d.mesh import MAX_RESOLUTION, MIN_RESOLUTION, EmptyMeshError
 from recon3d.pipelines.image_to_3d import ImageTo3DOptions
-from recon3d.pipelines.progress import Progress
 from recon3d.service import (ModelService, ServiceSettings, cpu_cost_note, default_resolution, free_device_memory,
-                             is_out_of_memory, load_cpu_costs)
+                             image_job, is_out_of_memory, load_cpu_costs)
 from recon3d.sessions import Sessions, iterate_in_thread
-
-try:  # ZeroGPU on Hugging Face Spaces; off Spaces the decorator returns the function unchanged
-    import spaces
-
-    gpu_task = spaces.GPU(duration=60)
-except ImportError:
-    def gpu_task(fn):
-        return fn
 
 log = logging.getLogger("recon3d.app")
 HERE = Path(__file__).parent
@@ -50,26 +41,24 @@ USER_ERRORS = (CheckpointError, ImageError, EmptyMeshError, ValueError)
 class UploadedImage(gr.Image):
     """gr.Image whose upload reaches the handler undecoded, as a file path: recon3d.images checks it (format,
     header size, truncation) and refuses it with its own one-line message, where gr.Image would decode it with
-    PIL first and answer a bad file with a multi-line error that names server paths."""
+    PIL first and answer a bad file with a multi-line error that names server paths. Inline base64 images (API
+    only: the page uploads files) are refused: they would bypass the per-visitor file handling."""
 
     is_template = True  # the browser side is gr.Image's
 
     def preprocess(self, payload):
         if payload is None:
             return None
-        if payload.url and payload.url.startswith("data:"):  # pasted or sent inline as base64: store the bytes
-            return self._store_inline(payload.url)
+        if payload.path is None or (payload.url or "").startswith("data:"):
+            raise gr.Error("Send the image as a file upload (gradio_client: handle_file), not as inline data.")
         return str(payload.path)
 
-    def _store_inline(self, data_url: str) -> str:
-        try:
-            data = base64.b64decode(data_url.split(",", 1)[1], validate=True)
-        except (IndexError, ValueError):
-            raise gr.Error("the pasted image is not valid base64 data") from None
-        path = Path(self.GRADIO_CACHE) / "recon3d-inline" / os.urandom(16).hex()
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_bytes(data)
-        return str(path)
+
+def is_example(path: str) -> bool:
+    """Whether ``path`` is one of the examples (Gradio's cached copies keep their name): shared by all visitors,
+    so never deleted with one of them."""
+    same_name = [Path(example) for example in EXAMPLES if Path(example).name == Path(path).name]
+    return any(example.read_bytes() == Path(path).read_bytes() for example in same_name)
 
 
 def visitor_id(request: gr.Request | None) -> str:
@@ -91,7 +80,9 @@ def image_options(remove_background, foreground_ratio, mesh_resolution, remove_f
         ratio, resolution = float(foreground_ratio), float(mesh_resolution)
     except (TypeError, ValueError):
         raise gr.Error("Foreground ratio and mesh resolution must be numbers.") from None
-    if resolution != int(resolution):
+    if not (math.isfinite(ratio) and math.isfinite(resolution)):
+        raise gr.Error("Foreground ratio and mesh resolution must be finite numbers.")
+    if not resolution.is_integer():
         raise gr.Error(f"Mesh resolution must be a whole number, got {resolution:g}.")
     options = ImageTo3DOptions(foreground_ratio=ratio, mesh_resolution=int(resolution),
                                remove_background=bool(remove_background),
@@ -102,26 +93,7 @@ def image_options(remove_background, foreground_ratio, mesh_resolution, remove_f
         raise gr.Error(f"{str(exc)[:1].upper()}{str(exc)[1:]}.") from None
 
 
-def image_job(service: ModelService, sessions: Sessions, session: str, checkpoint: str, image_path: str,
-              options: ImageTo3DOptions, cancel: CancelToken):
-    """Load the checkpoint, run the pipeline and write the outputs (in a worker thread); progress events, the
-    last carrying (pipeline, result, processed-image path, GLB path)."""
-    yield Progress("load", 0.0, "Loading the checkpoint")
-    pipe = service.image_to_3d(checkpoint)
-    for event in pipe.run(image_path, options, cancel):
-        if event.result is None:
-            yield event
-            continue
-        result = event.result
-        yield Progress("write", 0.97, "Writing the GLB")
-        glb = result.save_glb(sessions.output_path(session, Path(image_path).stem, ".glb"))
-        processed = sessions.output_path(session, "input", ".png")
-        result.processed_image.save(processed)
-        yield Progress("done", 1.0, event.message, result=(pipe, result, processed, glb))
-
-
 def make_image_to_3d_handler(service: ModelService, sessions: Sessions):
-    @gpu_task
     async def image_to_3d(image_path, checkpoint, remove_background, foreground_ratio, mesh_resolution,
                           remove_floaters=True, request: gr.Request = None, progress=gr.Progress()):
         """Reconstruct a textured mesh from one image. Returns the processed input, the GLB (viewer and file)
@@ -130,6 +102,8 @@ def make_image_to_3d_handler(service: ModelService, sessions: Sessions):
             raise gr.Error("Upload an image first (PNG, JPEG or WebP).")
         options = image_options(remove_background, foreground_ratio, mesh_resolution, remove_floaters)
         session, outputs = visitor_id(request), None
+        if not is_example(image_path):  # the visitor's own upload leaves with them
+            sessions.adopt(session, image_path)
         with sessions.job(session) as cancel:
             try:
                 job = image_job(service, sessions, session, checkpoint, image_path, options, cancel)
@@ -137,7 +111,8 @@ def make_image_to_3d_handler(service: ModelService, sessions: Sessions):
                     progress(event.fraction, desc=event.message)
                     outputs = event.result or outputs
             except USER_ERRORS as exc:
-                raise gr.Error(str(exc)) from None
+                log.info("image_to_3d refused: %s", exc)
+                raise gr.Error(str(exc).splitlines()[0]) from None
             except Cancelled:
                 raise gr.Error("The job was cancelled.") from None
             except Exception as exc:  # one line for the visitor, the traceback for the log
@@ -145,7 +120,7 @@ def make_image_to_3d_handler(service: ModelService, sessions: Sessions):
                     free_device_memory()
                     raise gr.Error("Out of memory: try a lower mesh resolution or a smaller checkpoint.") from None
                 log.exception("image_to_3d failed")
-                raise gr.Error(f"Unexpected error ({type(exc).__name__}): {str(exc)[:200]}") from None
+                raise gr.Error(f"Unexpected error ({type(exc).__name__}); the server log has the details.") from None
         pipe, result, processed, glb = outputs
         notes = "".join(f"\n\n> {note}" for note in result.notes)
         label = "\n\n**Random weights: this mesh is meaningless.**" if pipe.random_weights else ""
@@ -235,6 +210,7 @@ def main(argv=None) -> None:
     service = ModelService(ServiceSettings(random_weights=args.random_weights, device=device, dtype=dtype))
     service.warm_up()
     sessions = Sessions(OUTPUTS_DIR, ttl_s=args.output_ttl)
+    sessions.clear()  # files of an earlier run that no session knows any more
     sessions.start_janitor(every_s=min(60.0, args.output_ttl / 2))
     demo = build_app(service, sessions)
     demo.queue(max_size=args.max_queue, default_concurrency_limit=1)

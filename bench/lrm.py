@@ -430,11 +430,15 @@ def main(argv: list[str] | None = None) -> dict:
     print_report(records, examples, targets)
     report = {"machine": info, "args": vars(args), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "warmup_resolution": WARMUP_RESOLUTION, "targets": targets, "runs": records, "examples": examples}
-    path = json_path(args, devices)
+    write_report(json_path(args, devices), report)
+    return report
+
+
+def write_report(path: Path, report: dict) -> None:
+    """The JSON report, in a folder made when missing."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(report, indent=1))
     print(f"\nwrote {path}")
-    return report
 
 
 if __name__ == "__main__":

@@ -144,9 +144,11 @@ def write_outputs(result, stem: Path, args: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)
     args = build_parser().parse_args(argv)
-    if args.command == "image":
-        return run_image(args)
-    return 2
+    try:
+        return run_image(args) if args.command == "image" else 2
+    except KeyboardInterrupt:  # Ctrl-C outside a command's own handling (e.g. while loading the model)
+        print("recon3d: interrupted", file=sys.stderr)
+        return 130
 
 
 if __name__ == "__main__":

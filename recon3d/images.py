@@ -72,8 +72,9 @@ def _open(fp, name: str, max_pixels: int) -> Image.Image:
         raise ImageError(f"{name}: not an image file (PNG, JPEG or WebP expected)") from None
     except (Image.DecompressionBombError, Image.DecompressionBombWarning):
         raise ImageError(f"{name}: too many pixels (limit {max_pixels / 1e6:.0f} MP)") from None
-    except (OSError, SyntaxError) as exc:
-        raise ImageError(f"{name}: the file is truncated or corrupt ({exc})") from None
+    except (OSError, SyntaxError) as exc:  # the OS's own text names paths: keep only its reason
+        reason = exc.strerror if isinstance(exc, OSError) and exc.filename else exc
+        raise ImageError(f"{name}: the file is truncated or corrupt ({reason})") from None
     return image
 
 

@@ -1,10 +1,10 @@
 """Field -> density grid -> marching cubes -> vertex colours -> oriented GLB.
 
 The grid has ``resolution`` points per axis spanning [-1, 1]. :func:`coarse_to_fine_grid` evaluates the field on
-a coarse lattice (at most one triplane texel apart) first, then exactly in the coarse cells that may hold the
-iso-surface (crossing it, or rising close to it) plus a margin of one cell, and fills the rest by trilinear
-interpolation of the coarse values, which stays on the correct side of the level. The mesh then equals the one
-from the dense grid, thin parts included (tests check both).
+a coarse lattice (at most the field's ``sample_spacing`` apart, e.g. one triplane texel) first, then exactly in
+the coarse cells that may hold the iso-surface (crossing it, or rising close to it) plus a margin of one cell, and
+fills the rest by trilinear interpolation of the coarse values, which stays on the correct side of the level. The
+mesh then equals the one from the dense grid, thin parts included (tests check both).
 """
 
 from __future__ import annotations
@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from .cameras import world_to_gltf
 from .cancel import NEVER, CancelToken
-from .field import Field
+from .field import Field, as_field
 
 MIN_RESOLUTION, MAX_RESOLUTION = 64, 512
 
@@ -59,7 +59,9 @@ class Mesh:
     def save_glb(self, path: str | Path, extras: dict | None = None) -> Path:
         """Write a GLB; ``extras`` (JSON-able: how the mesh was made) goes into the glTF asset's extras."""
         path = Path(path)
-        path.write_bytes(mesh_to_glb(self, extras))
+        partial = path.with_name(path.name + ".part")  # an interrupted write never leaves a truncated GLB
+        partial.write_bytes(mesh_to_glb(self, extras))
+        partial.replace(path)
         return path
 
 
@@ -82,10 +84,10 @@ def field_device(field: Field) -> torch.device:
 def _query_density(field: Field, points: torch.Tensor, chunk: int, cancel: CancelToken = NEVER) -> torch.Tensor:
     """Densities (P,) on the field's device; ``cancel`` is checked before every chunk."""
     device = field_device(field)
-    out = []
+    field, out = as_field(field), []
     for i in range(0, points.shape[0], chunk):
         cancel.check()
-        out.append(field.query(points[i:i + chunk])[0].reshape(-1).float().to(device))
+        out.append(field.query(points[None, i:i + chunk])[0].reshape(-1).float().to(device))
     return torch.cat(out) if out else torch.zeros(0, device=device)
 
 
@@ -126,11 +128,10 @@ def dense_grid(field: Field, resolution: int, chunk: int = 262144, cancel: Cance
     return DensityGrid(torch.cat(slabs).reshape(resolution, resolution, resolution), resolution ** 3)
 
 
-COARSE_SPACING = 2.0 / 64  # at most one texel of a 64x64 triplane between coarse samples
 DENSE_WHEN_ACTIVE = 0.6  # above this fraction of active coarse cells, the dense grid is cheaper
 
 
-def coarse_stride(resolution: int, spacing: float = COARSE_SPACING) -> int:
+def coarse_stride(resolution: int, spacing: float) -> int:
     """Fine steps between coarse samples so that they are at most ``spacing`` apart in world units."""
     return max(1, int(spacing * (resolution - 1) / 2.0))
 
@@ -139,7 +140,7 @@ def coarse_stride(resolution: int, spacing: float = COARSE_SPACING) -> int:
 def coarse_to_fine_grid(field: Field, resolution: int, level: float, stride: int | None = None,
                         chunk: int = 262144, cancel: CancelToken = NEVER) -> DensityGrid:
     """Density grid evaluated exactly only near the iso-surface ``level`` (see module docstring)."""
-    stride = stride or coarse_stride(resolution)
+    stride = stride or coarse_stride(resolution, as_field(field).sample_spacing)
     if stride == 1:  # nothing to skip at this resolution
         return dense_grid(field, resolution, chunk, cancel)
     cells = -(-(resolution - 1) // stride)  # coarse cells per axis; the lattice may overhang [-1, 1] a little
@@ -228,10 +229,10 @@ class EmptyMeshError(ValueError):
 @torch.no_grad()
 def vertex_colors(field: Field, vertices: np.ndarray, chunk: int = 262144, cancel: CancelToken = NEVER) -> np.ndarray:
     points = torch.from_numpy(vertices)
-    rgb = []
+    field, rgb = as_field(field), []
     for i in range(0, len(points), chunk):
         cancel.check()
-        rgb.append(field.query(points[i:i + chunk])[1].float().cpu())
+        rgb.append(field.query(points[None, i:i + chunk])[1][0].cpu())
     return torch.cat(rgb).clamp(0, 1).numpy().astype(np.float32) if rgb else np.zeros((0, 3), np.float32)
 
 
@@ -285,10 +286,14 @@ def _pack_glb(gltf: dict, binary: bytes) -> bytes:
             + struct.pack("<I4s", len(binary), b"BIN\0") + binary)
 
 
+FIELD_LEVEL = "field"  # MeshSettings.level: the field's own iso_level (picked from the grid if it states none)
+
+
 @dataclass
 class MeshSettings:
     resolution: int = 256
-    level: float | None = 3.0  # density iso-level; None picks one from the grid (see auto_level)
+    level: float | str | None = FIELD_LEVEL  # density iso-level; None picks one from the grid (see auto_level)
+    # (FIELD_LEVEL: the field's iso_level)
     coarse_to_fine: bool = True
     min_part_fraction: float = 0.0  # drop parts with fewer faces than this fraction of the largest (1: largest only)
     chunk: int = 262144
@@ -296,13 +301,16 @@ class MeshSettings:
 
 def extract_mesh(field: Field, settings: MeshSettings | None = None, timings: dict | None = None,
                  cancel: CancelToken = NEVER) -> tuple[Mesh, DensityGrid]:
-    """The whole export path. ``timings`` (if given) receives seconds per stage; ``cancel`` stops it between
-    chunks of field queries (raising :class:`~recon3d.cancel.Cancelled`)."""
-    settings = settings or MeshSettings()
+    """The whole export path for a field of one object (``field.select(k)`` picks one); gradients off.
+    ``timings`` (if given) receives seconds per stage; ``cancel`` stops it between chunks of field queries
+    (raising :class:`~recon3d.cancel.Cancelled`)."""
+    settings, field = settings or MeshSettings(), as_field(field)
+    if field.num_objects != 1:
+        raise ValueError(f"a mesh is made from one object; this field holds {field.num_objects}: use field.select(k)")
     timings = {} if timings is None else timings
     resolution = check_resolution(settings.resolution)
     start = time.perf_counter()
-    level, calibration_queries = settings.level, 0
+    level, calibration_queries = field.iso_level if settings.level == FIELD_LEVEL else settings.level, 0
     if level is None:  # calibrate on a cheap lattice, then mesh as usual
         lattice = dense_grid(field, (resolution - 1) // 4 + 1, chunk=settings.chunk, cancel=cancel)
         level, calibration_queries = auto_level(lattice), lattice.queries

@@ -10,6 +10,7 @@ import threading
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 import torch
 
@@ -17,6 +18,7 @@ from .checkpoints import OPENLRM_CHECKPOINTS
 from .hub import CheckpointError, hub_reachable
 from .models.lrm import PUBLISHED_CONFIGS, TINY_CONFIG
 from .pipelines.image_to_3d import ImageTo3D
+from .pipelines.progress import Progress
 
 CPU_DEFAULT_RESOLUTION = 128  # on a CPU, 256^3 takes minutes
 GPU_DEFAULT_RESOLUTION = 256
@@ -129,3 +131,22 @@ def free_device_memory() -> None:
     gc.collect()
     if torch.cuda.is_available():
         torch.cuda.empty_cache()
+
+
+def image_job(service: ModelService, sessions, session: str, checkpoint: str, image_path: str, options,
+              cancel) -> Iterator[Progress]:
+    """One visitor's Image to 3D job, meant for a worker thread: load the checkpoint, run the pipeline, write the
+    GLB and the processed input into the visitor's folder. Progress events; the last carries
+    (pipeline, result, processed-image path, GLB path)."""
+    yield Progress("load", 0.0, "Loading the checkpoint")
+    pipe = service.image_to_3d(checkpoint)
+    for event in pipe.run(image_path, options, cancel):
+        if event.result is None:
+            yield event
+            continue
+        result = event.result
+        yield Progress("write", 0.97, "Writing the GLB")
+        glb = result.save_glb(sessions.output_path(session, Path(image_path).stem, ".glb"))
+        processed = sessions.output_path(session, "input", ".png")
+        result.processed_image.save(processed)
+        yield Progress("done", 1.0, event.message, result=(pipe, result, processed, glb))

@@ -41,11 +41,20 @@ class Sessions:
         self._folders: dict[str, Path] = {}
         self._last_used: dict[str, float] = {}
         self._jobs: dict[str, set[CancelToken]] = {}
+        self._adopted: dict[str, set[Path]] = {}  # files made elsewhere (uploads) that leave with the visitor
+        self._ended: dict[str, float] = {}  # visitors who left (kept for ttl_s): nothing more is written for them
         self._lock = threading.Lock()
 
+    def clear(self) -> None:
+        """Remove everything under the root: leftovers of an earlier run that no session knows any more."""
+        shutil.rmtree(self.root, ignore_errors=True)
+
     def output_path(self, session: str, stem: str, suffix: str) -> Path:
-        """A new, unguessable path in the visitor's folder: ``<random folder>/<stem>-<128-bit token><suffix>``."""
+        """A new, unguessable path in the visitor's folder: ``<random folder>/<stem>-<128-bit token><suffix>``.
+        Raises :class:`Cancelled` for a visitor who already left, so a late job writes nothing."""
         with self._lock:
+            if session in self._ended:
+                raise Cancelled("the visitor left")
             folder = self._folders.get(session)
             if folder is None:
                 folder = self._folders[session] = self.root / secrets.token_hex(TOKEN_BYTES)
@@ -53,17 +62,28 @@ class Sessions:
             self._last_used[session] = self.clock()
         return folder / f"{safe_stem(stem)}-{secrets.token_hex(TOKEN_BYTES)}{suffix}"
 
+    def adopt(self, session: str, path: str | Path) -> None:
+        """Delete ``path`` (e.g. the visitor's upload) when the visitor leaves or expires."""
+        with self._lock:
+            self._adopted.setdefault(session, set()).add(Path(path))
+            self._last_used[session] = self.clock()
+
     @contextmanager
     def job(self, session: str) -> Iterator[CancelToken]:
         """A cancel token for one job of ``session``, cancelled if the visitor leaves while it runs."""
         token = CancelToken()
         with self._lock:
+            if session in self._ended:
+                token.cancel()
             self._jobs.setdefault(session, set()).add(token)
         try:
             yield token
         finally:
             with self._lock:
-                self._jobs.get(session, set()).discard(token)
+                jobs = self._jobs.get(session, set())
+                jobs.discard(token)
+                if not jobs:
+                    self._jobs.pop(session, None)
                 if session in self._last_used:
                     self._last_used[session] = self.clock()
 
@@ -72,23 +92,31 @@ class Sessions:
             return len(self._jobs.get(session, ()))
 
     def end(self, session: str) -> None:
-        """The visitor left: cancel their jobs and delete their files."""
+        """The visitor left: cancel their jobs, delete their files, write nothing more for them."""
         with self._lock:
-            for token in self._jobs.pop(session, ()):
+            for token in self._jobs.get(session, ()):
                 token.cancel()
-            folder = self._folders.pop(session, None)
-            self._last_used.pop(session, None)
-        if folder is not None:
-            shutil.rmtree(folder, ignore_errors=True)
+            self._ended[session] = self.clock()
+            removed = self._forget(session)
+        _delete(removed)
 
     def expire(self) -> list[str]:
-        """Remove the folders of visitors idle for longer than ``ttl_s`` and with no job running; their ids."""
-        now = self.clock()
-        with self._lock:
-            stale = [s for s, used in self._last_used.items() if now - used > self.ttl_s and not self._jobs.get(s)]
-        for session in stale:
-            self.end(session)
-        return stale
+        """Delete the files of visitors idle for longer than ``ttl_s`` with no job running; their ids."""
+        now, expired, removed = self.clock(), [], []
+        with self._lock:  # decided and forgotten under the lock: a job starting now finds a fresh folder
+            for session, used in list(self._last_used.items()):
+                if now - used > self.ttl_s and not self._jobs.get(session):
+                    expired.append(session)
+                    removed += self._forget(session)
+            self._ended = {s: when for s, when in self._ended.items() if now - when <= self.ttl_s}
+        _delete(removed)
+        return expired
+
+    def _forget(self, session: str) -> list[Path]:
+        """Drop a visitor's records (under the lock); the paths to delete."""
+        self._last_used.pop(session, None)
+        folder = self._folders.pop(session, None)
+        return ([folder] if folder is not None else []) + sorted(self._adopted.pop(session, ()))
 
     def start_janitor(self, every_s: float = 60.0) -> threading.Thread:
         """A daemon thread that calls :meth:`expire` every ``every_s`` seconds."""
@@ -100,6 +128,14 @@ class Sessions:
         thread = threading.Thread(target=loop, name="recon3d-outputs-janitor", daemon=True)
         thread.start()
         return thread
+
+
+def _delete(paths: list[Path]) -> None:
+    for path in paths:
+        if path.is_dir():
+            shutil.rmtree(path, ignore_errors=True)
+        else:
+            path.unlink(missing_ok=True)
 
 
 async def iterate_in_thread(items: Iterator[T], cancel: CancelToken, join_timeout_s: float = 30.0) -> AsyncIterator[T]:
@@ -119,18 +155,18 @@ async def iterate_in_thread(items: Iterator[T], cancel: CancelToken, join_timeou
             cancel.cancel()
 
     def work() -> None:
+        outcome: tuple = ("done", None)
         try:
             for item in items:
                 send("item", item)
                 cancel.check()
         except BaseException as exc:  # delivered to the consumer, which re-raises it
-            send("error", exc)
-        else:
-            send("done")
-        finally:  # a generator stopped between items runs its own clean-up here, in this thread
+            outcome = ("error", exc)
+        finally:  # a generator stopped between items runs its own clean-up here, before the consumer hears
             close = getattr(items, "close", None)
             if close is not None:
                 close()
+        send(*outcome)
 
     worker = threading.Thread(target=work, name="recon3d-job", daemon=True)
     worker.start()
@@ -149,7 +185,18 @@ async def iterate_in_thread(items: Iterator[T], cancel: CancelToken, join_timeou
     finally:
         if not finished:
             cancel.cancel()
-            await loop.run_in_executor(None, worker.join, join_timeout_s)
+            await _wait_for(worker, join_timeout_s)
+
+
+async def _wait_for(worker: threading.Thread, timeout_s: float) -> None:
+    """Wait until ``worker`` ends (at most ``timeout_s``), through repeated cancellations of the waiting task: a
+    second Cancel click must not free the device while the first job still runs."""
+    loop, deadline = asyncio.get_running_loop(), time.monotonic() + timeout_s
+    while worker.is_alive() and time.monotonic() < deadline:
+        try:
+            await loop.run_in_executor(None, worker.join, 0.2)
+        except asyncio.CancelledError:
+            continue
 
 
 __all__ = ["Cancelled", "Sessions", "iterate_in_thread", "safe_stem"]

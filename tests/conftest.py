@@ -46,6 +46,8 @@ def tiny_repo_in_cache(tiny_checkpoint) -> str:
 class SphereField:
     """Analytic field: density 3 on a sphere surface, larger inside; red above z=0, blue below."""
 
+    iso_level = 3.0
+
     def __init__(self, centre=(0.0, 0.0, 0.0), radius=0.5, slope=10.0):
         self.centre, self.radius, self.slope = torch.tensor(centre), radius, slope
 

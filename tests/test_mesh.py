@@ -6,11 +6,16 @@ import trimesh
 from recon3d.mesh import (EmptyMeshError, MeshSettings, auto_level, coarse_to_fine_grid, dense_grid, extract_mesh,
                           marching_cubes, remove_small_parts)
 
+from recon3d.field import GridField, PointField, TriplaneField, sample_triplane
+from recon3d.models.lrm import PlaneDecoder
+
 from conftest import SphereField, glb_summary
 
 
 class BoxField:
     """Axis-aligned box [lo, hi]: density 3 + 20 * (distance inside), so the surface is the box itself."""
+
+    iso_level = 3.0
 
     def __init__(self, lo, hi):
         self.lo, self.hi = torch.tensor(lo), torch.tensor(hi)
@@ -60,6 +65,8 @@ def test_coarse_to_fine_gives_the_dense_mesh_with_far_fewer_queries():
 class Rod:
     """A rod along z thinner than the coarse lattice spacing, placed between coarse samples, on a ball."""
 
+    iso_level = 3.0
+
     def __init__(self, radius, centre):
         self.radius, self.centre = radius, torch.tensor(centre)
 
@@ -108,6 +115,8 @@ def test_empty_and_out_of_range_requests_are_refused():
 
 def test_auto_level_and_floater_removal():
     class TwoBalls:
+        iso_level = 3.0
+
         def query(self, p):
             big = 3 + 10 * (0.5 - (p - torch.tensor([-0.3, 0, 0])).norm(dim=-1, keepdim=True))
             small = 3 + 10 * (0.15 - (p - torch.tensor([0.7, 0, 0])).norm(dim=-1, keepdim=True))
@@ -147,3 +156,77 @@ def test_mid_grey_is_stored_linear_in_color_0(tmp_path):
     mesh, _ = extract_mesh(GreySphere(radius=0.5), MeshSettings(resolution=64))
     _, _, colours, _ = glb_summary(mesh.save_glb(tmp_path / "grey.glb"))
     assert np.allclose(colours[:, :3], 0.2140, atol=2e-4) and np.allclose(colours[:, 3], 1.0)
+
+
+def smooth_sphere_field(dtype, size=64, channels=4):
+    """A triplane model whose planes hold (u^2 + v^2) / 2, so the three features sum to |p|^2, and whose decoder
+    (the LRM's, 8 wide, weights exact in every dtype) gives density softplus(10 (0.375 - |p|^2)): a smooth sphere
+    of radius 0.28 at level 3, the whole model in ``dtype``."""
+    centres = (torch.arange(size) + 0.5) / size * 2 - 1
+    u, v = centres.expand(size, size), centres[:, None].expand(size, size)
+    plane = torch.zeros(channels, size, size)
+    plane[0], plane[1] = (u ** 2 + v ** 2) / 2, u * 0.5 + 0.5
+    decoder = PlaneDecoder(3 * channels, hidden=8)
+    with torch.no_grad():
+        for layer in decoder.net[::2]:
+            layer.weight.zero_()
+            layer.bias.zero_()
+        decoder.net[0].weight[0, ::channels] = -1.0  # 0.375 - |p|^2
+        decoder.net[0].bias[0] = 0.375
+        decoder.net[2].weight[0, 0] = decoder.net[4].weight[0, 0] = 1.0
+        decoder.net[6].weight[0, 0], decoder.net[6].bias[0] = 10.0, 1.0  # raw - 1 = 10 (0.375 - |p|^2)
+        decoder.net[0].weight[1, 1] = decoder.net[2].weight[1, 1] = decoder.net[4].weight[1, 1] = 1.0
+        decoder.net[6].weight[1:, 1] = 4.0  # some colour
+    decoder = decoder.to(dtype)
+    planes = plane.expand(1, 3, channels, size, size).to(dtype)
+    return TriplaneField(planes, lambda p, points: decoder(sample_triplane(p, points)), iso_level=3.0)
+
+
+@pytest.fixture(scope="module")
+def float32_sphere_mesh():
+    return extract_mesh(smooth_sphere_field(torch.float32), MeshSettings(resolution=256))[0]
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_half_precision_mesh_matches_float32(dtype, float32_sphere_mesh):
+    from scipy.spatial import cKDTree
+
+    mesh, grid = extract_mesh(smooth_sphere_field(dtype), MeshSettings(resolution=256))
+    assert np.isfinite(grid.values.numpy()).all() and np.isfinite(mesh.colors).all()
+    reference = float32_sphere_mesh.vertices
+    there, back = cKDTree(reference).query(mesh.vertices)[0], cKDTree(mesh.vertices).query(reference)[0]
+    voxel = 2 / 255
+    assert (there.mean() + back.mean()) / 2 < 0.15 * voxel
+    assert abs(len(mesh.faces) - len(float32_sphere_mesh.faces)) < 0.02 * len(float32_sphere_mesh.faces)
+
+
+def test_grid_field_sphere_meshes_watertight_at_its_own_level():
+    r = 65
+    axis = torch.linspace(-1, 1, r)
+    points = torch.stack(torch.meshgrid(axis, axis, axis, indexing="ij"), -1)  # (R, R, R, 3), (x, y, z) order
+    centre = torch.tensor([0.2, -0.1, 0.05])
+    density = (5.0 + 20.0 * (0.5 - (points - centre).norm(dim=-1))).clamp(min=0)  # level 5 at radius 0.5
+    rgb = (points * 0.5 + 0.5).movedim(-1, 0)
+    field = GridField(density[None, None].expand(2, 1, r, r, r), rgb[None].expand(2, 3, r, r, r), iso_level=5.0)
+    with pytest.raises(ValueError, match="select"):
+        extract_mesh(field, MeshSettings(resolution=96))
+    mesh, grid = extract_mesh(field.select(1), MeshSettings(resolution=96))
+    assert grid.stats["level"] == 5.0
+    tm = trimesh.Trimesh(mesh.vertices, mesh.faces, process=False)
+    assert tm.is_watertight and tm.volume == pytest.approx(4 / 3 * np.pi * 0.5 ** 3, rel=0.02)
+    radii = np.linalg.norm(mesh.vertices - centre.numpy(), axis=1)
+    assert np.abs(radii - 0.5).max() < 2 / 64  # within a voxel of the field's grid
+    assert np.allclose(mesh.colors, mesh.vertices * 0.5 + 0.5, atol=1e-4)  # colours interpolated at the vertices
+
+
+def test_the_coarse_lattice_and_the_level_come_from_the_field():
+    def lattice_cells(spacing):
+        field = PointField(SphereField().query, sample_spacing=spacing, iso_level=3.0)
+        return coarse_to_fine_grid(field, 128, 3.0).stats["cells"]
+
+    assert lattice_cells(2 / 16) == 19 ** 3  # stride 7 voxels of 2/127: at most 2/16 apart
+    assert lattice_cells(2 / 32) == 43 ** 3  # stride 3
+    _, grid = extract_mesh(PointField(SphereField().query, iso_level=2.0), MeshSettings(resolution=64))
+    assert grid.stats["level"] == 2.0
+    _, grid = extract_mesh(PointField(SphereField().query), MeshSettings(resolution=64))  # uncalibrated: auto
+    assert grid.stats["level"] == pytest.approx(auto_level(dense_grid(SphereField(), 16)), rel=1e-6)

@@ -108,3 +108,73 @@ def test_never_is_not_cancellable():
     NEVER.check()
     with pytest.raises(TypeError):
         NEVER.cancel()
+
+
+def test_nothing_is_written_for_a_visitor_who_left_and_uploads_leave_with_them(tmp_path):
+    sessions = Sessions(tmp_path / "outputs")
+    upload = tmp_path / "upload.png"
+    upload.write_bytes(b"png")
+    sessions.adopt("alice", upload)
+    sessions.output_path("alice", "duck", ".glb")
+    sessions.end("alice")
+    assert not upload.exists()
+    with pytest.raises(Cancelled):  # a job finishing after its visitor left writes nothing
+        sessions.output_path("alice", "duck", ".glb")
+    with sessions.job("alice") as late:
+        assert late.cancelled
+    assert list((tmp_path / "outputs").iterdir()) == []
+
+
+def test_expired_uploads_go_too_and_job_records_do_not_pile_up(tmp_path):
+    clock = Clock()
+    sessions = Sessions(tmp_path, ttl_s=10, clock=clock)
+    upload = tmp_path / "api-upload.png"
+    upload.write_bytes(b"png")
+    sessions.adopt("api", upload)
+    for _ in range(3):
+        with sessions.job("api"):
+            pass
+    assert sessions.running_jobs("api") == 0 and sessions._jobs == {}
+    clock.now += 11
+    assert sessions.expire() == ["api"] and not upload.exists()
+
+
+def test_a_second_cancel_does_not_free_the_slot_before_the_worker_stops():
+    cancel, stopped = CancelToken(), threading.Event()
+
+    def stubborn():  # ignores the token for 0.6 s, as a long chunk of work would
+        try:
+            yield "first"
+            time.sleep(0.6)
+            yield "second"
+        finally:
+            stopped.set()
+
+    async def run_and_cancel_twice():
+        async def consume():
+            async for _ in iterate_in_thread(stubborn(), cancel):
+                pass
+
+        task = asyncio.create_task(consume())
+        await asyncio.sleep(0.1)
+        task.cancel()
+        await asyncio.sleep(0.05)
+        task.cancel()  # a double click on Cancel, or Cancel then closing the tab
+        with pytest.raises(asyncio.CancelledError):
+            await task
+        return stopped.is_set()
+
+    assert asyncio.run(run_and_cancel_twice())  # the task ended only after the worker had stopped
+
+
+def test_clean_up_runs_before_the_consumer_hears_of_a_cancelled_token():
+    cancel, stopped = CancelToken(), threading.Event()
+
+    async def consume():
+        async for item in iterate_in_thread(slow_items(cancel, stopped), cancel):
+            cancel.cancel()  # the visitor left while the job ran
+        return item
+
+    with pytest.raises(Cancelled):
+        asyncio.run(consume())
+    assert stopped.is_set()

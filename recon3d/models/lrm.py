@@ -21,6 +21,7 @@ from ..field import TriplaneField, sample_triplane
 from ..hub import CheckpointError, load_strict, read_state_dict, resolve_checkpoint, save_checkpoint
 from .dinov2 import VIT_SPECS, DinoV2
 
+DENSITY_LEVEL = 3.0  # OpenLRM meshes its density at this level; a property of the model, not of the mesher
 # (transformer_dim, transformer_layers, triplane_dim) of the published sizes -> (source size, render size)
 PUBLISHED_SIZES = {(512, 12, 32): (224, 192), (768, 12, 48): (336, 288), (1024, 16, 80): (448, 384)}
 
@@ -160,7 +161,11 @@ class Encoder(nn.Module):
 
 
 class PlaneDecoder(nn.Module):
-    """features (..., 3C) -> density (..., 1) = softplus(raw - 1), rgb (..., 3) = sigmoid * 1.002 - 0.001."""
+    """features (..., 3C) -> density (..., 1) = softplus(raw - 1), rgb (..., 3) = sigmoid * 1.002 - 0.001.
+
+    The hidden layers run in the model's dtype; the output layer and the activations run in float32 and return
+    float32: near the surface (density 3, raw about 4) a bfloat16 raw value has steps of 1/64, which would move
+    the surface by a large part of a voxel."""
 
     def __init__(self, in_dim: int, hidden: int = 64):
         super().__init__()
@@ -168,7 +173,9 @@ class PlaneDecoder(nn.Module):
                                  nn.Linear(hidden, hidden), nn.ReLU(), nn.Linear(hidden, 4))
 
     def forward(self, features: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        raw = self.net(features)
+        *hidden, output = self.net
+        h = nn.Sequential(*hidden)(features.to(output.weight.dtype))
+        raw = F.linear(h.float(), output.weight.float(), output.bias.float())  # (..., 4) float32
         return F.softplus(raw[..., :1] - 1.0), torch.sigmoid(raw[..., 1:]) * 1.002 - 0.001
 
 
@@ -209,12 +216,14 @@ class LRM(nn.Module):
         return self.planes_from_tokens(self.encode_image(images), cameras)
 
     def query_points(self, planes: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """planes (N, 3, C, H, W), points (N, P, 3) in [-1, 1]^3 -> density (N, P, 1), rgb (N, P, 3)."""
+        """planes (N, 3, C, H, W), points (N, P, 3) in [-1, 1]^3 -> float32 density (N, P, 1), rgb (N, P, 3).
+
+        The lookup runs in float32 (see :func:`sample_triplane`); the decoder casts the features to its dtype."""
         return self.synthesizer.decoder(sample_triplane(planes, points))
 
     def field(self, planes: torch.Tensor) -> TriplaneField:
-        """One object's planes (1, 3, C, H, W) as a field for rendering and meshing."""
-        return TriplaneField(planes, self.query_points)
+        """Planes (N, 3, C, H, W) as a field for rendering and meshing, surface at OpenLRM's density level."""
+        return TriplaneField(planes, self.query_points, iso_level=DENSITY_LEVEL)
 
     # ---- checkpoints -------------------------------------------------------------------------------------
     @classmethod

@@ -65,6 +65,7 @@ class ImageTo3DResult:
         self.timings["glb_write"] = time.perf_counter() - start
         return path
 
+    @torch.no_grad()
     def render_turntable(self, frames: int = 24, size: int | None = None, elevation_deg: float = 23.6,
                          distance: float = 2.0, fov_deg: float | None = None,
                          settings: RenderSettings | None = None, cancel: CancelToken = NEVER) -> list[Image.Image]:
@@ -76,7 +77,7 @@ class ImageTo3DResult:
         images = []
         for c2w in cameras.orbit_cameras(frames, elevation_deg, distance):
             cancel.check()
-            rgb = render_view(self.field, c2w, intrinsics, size, settings, self.planes.device)["rgb"]
+            rgb = render_view(self.field, c2w, intrinsics, size, settings)["rgb"].cpu()
             images.append(Image.fromarray((rgb.clamp(0, 1).numpy() * 255 + 0.5).astype("uint8")))
         return images
 
@@ -143,11 +144,10 @@ class ImageTo3D:
             timings["remove_background"] = prepared.background_seconds
             timings["preprocess"] -= prepared.background_seconds
         yield Progress("encoder", 0.1, "Encoding the image")
-        layers = [*self.model.encoder.model.blocks, *self.model.transformer.layers]
-        with timed(timings, "encoder", device), check_before_each(layers, cancel):
+        with timed(timings, "encoder", device), check_before_each(self.model.encoder.model.blocks, cancel):
             tokens = self.model.encode_image(pixels)
         yield Progress("transformer", 0.25, "Predicting the triplane")
-        with timed(timings, "transformer", device), check_before_each(layers, cancel):
+        with timed(timings, "transformer", device), check_before_each(self.model.transformer.layers, cancel):
             planes = self.model.planes_from_tokens(tokens, camera)
         cancel.check()
         yield Progress("mesh", 0.45, f"Extracting the mesh at {options.mesh_resolution}^3")
