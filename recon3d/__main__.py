@@ -21,7 +21,7 @@ from .mesh import EmptyMeshError, MAX_RESOLUTION, MIN_RESOLUTION
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m recon3d", description="Images to 3D models (GLB) with LRM.")
+    parser = argparse.ArgumentParser(prog="python -m recon3d", description="Images to 3D models (GLB): LRM reconstructions and DMV3D samples.")
     commands = parser.add_subparsers(dest="command", required=True)
     image = commands.add_parser("image", help="image(s) -> GLB mesh(es) with LRM")
     image.add_argument("images", nargs="+", type=Path, help="PNG, JPEG or WebP files")
@@ -43,7 +43,60 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None, help="default: float16 on GPU, float32 on CPU")
     image.add_argument("--offline", action="store_true", help="use the local Hub cache only")
     image.add_argument("--random-weights", action="store_true", help="tiny random model: tests the path, output is meaningless")
+    add_sample_command(commands)
+    add_train_command(commands)
     return parser
+
+
+def add_device_options(command: argparse.ArgumentParser) -> None:
+    command.add_argument("--device", default=None, help="cpu, cuda, cuda:1, mps (default: cuda if available)")
+    command.add_argument("--dtype", choices=sorted(DTYPE_NAMES), default=None,
+                         help="default: float16 on GPU, float32 on CPU")
+
+
+def add_sample_command(commands) -> None:
+    from .checkpoints import DEMO_DMV3D
+
+    sample = commands.add_parser("sample", help="image -> several 3D samples (GLB per seed) with DMV3D")
+    sample.add_argument("image", type=Path, help="a PNG, JPEG or WebP file")
+    sample.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one sample each (default 0,1,2)")
+    sample.add_argument("--steps", type=positive_int, default=30, help="DDIM steps (default 30)")
+    sample.add_argument("--model", default=str(DEMO_DMV3D),
+                        help="Hub repo id or checkpoint folder (default: the shipped demo model, procedural shapes only)")
+    sample.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    sample.add_argument("-o", "--output", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
+    sample.add_argument("--resolution", type=int, default=128, help=f"mesh grid resolution, {MIN_RESOLUTION}..{MAX_RESOLUTION}")
+    sample.add_argument("--foreground-ratio", type=float, default=0.8,
+                        help="object size in the square input (%g..%g, default 0.8)" % FOREGROUND_RATIO_RANGE)
+    sample.add_argument("--no-remove-background", action="store_true", help="do not remove the background")
+    sample.add_argument("--comparison", action="store_true", help="also write comparison.png: every sample from 4 angles")
+    add_device_options(sample)
+    sample.add_argument("--offline", action="store_true", help="use the local Hub cache only")
+    sample.add_argument("--random-weights", action="store_true", help="tiny random model: tests the path, output is meaningless")
+
+
+def add_train_command(commands) -> None:
+    train = commands.add_parser("train-dmv3d", help="train a DMV3D model (accelerate: CPU, GPU or many)")
+    source = train.add_mutually_exclusive_group(required=True)
+    source.add_argument("--data", type=Path, help="a recon3d-multiview-v1 dataset folder (see recon3d/datasets.py)")
+    source.add_argument("--synthetic", type=positive_int, metavar="N",
+                        help="render N procedural objects into OUTPUT/synthetic-data first, then train on them")
+    train.add_argument("--config", default="demo", choices=["tiny", "demo", "paper"], help="model size (default demo)")
+    train.add_argument("--steps", type=positive_int, default=1000)
+    train.add_argument("-o", "--output", type=Path, required=True, help="checkpoint folder (Hub format)")
+    train.add_argument("--batch-size", type=positive_int, default=4, help="objects per process and step")
+    train.add_argument("--lr", type=float, default=4e-4, help="peak learning rate (AdamW)")
+    train.add_argument("--grad-accumulation", type=positive_int, default=1)
+    train.add_argument("--mixed-precision", choices=["no", "bf16", "fp16"], default="no")
+    train.add_argument("--checkpoint-every", type=positive_int, default=250)
+    train.add_argument("--log-every", type=positive_int, default=10)
+    train.add_argument("--lpips-weight", type=float, default=0.0, help="add LPIPS (needs the lpips package)")
+    train.add_argument("--render-size", type=positive_int, default=None,
+                       help="supervise renders at this size (cheaper; default: the model's image size)")
+    train.add_argument("--warmup-steps", type=int, default=100)
+    train.add_argument("--seed", type=int, default=0)
+    train.add_argument("--resume", action="store_true", help="continue from the state saved in OUTPUT")
+    train.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
 
 
 def positive_int(text: str) -> int:
@@ -141,11 +194,95 @@ def write_outputs(result, stem: Path, args: argparse.Namespace) -> None:
     print(json.dumps(summary))
 
 
+def run_sample(args: argparse.Namespace) -> int:
+    """``sample``: OUTDIR/seed-<s>.glb per seed (and comparison.png); exit 1 for a refused input, 2 when the
+    model cannot be loaded, 130 on Ctrl-C."""
+    import torch
+    from tqdm import tqdm
+
+    from .pipelines.sample_3d import Sample3D, SampleOptions, comparison_grid, parse_seeds
+
+    try:
+        options = SampleOptions(seeds=parse_seeds(args.seeds), steps=args.steps, mesh_resolution=args.resolution,
+                                foreground_ratio=args.foreground_ratio,
+                                remove_background=not args.no_remove_background).validate()
+        device, dtype = choose_device(args.device, args.dtype)
+        if args.random_weights:
+            from .models.dmv3d import TINY_CONFIG
+
+            print("recon3d: random weights: the samples are meaningless (a test of the path only)", file=sys.stderr)
+            pipe = Sample3D.random(TINY_CONFIG, device=device, dtype=dtype)
+        else:
+            pipe = Sample3D.from_pretrained(args.model, device=device, dtype=dtype, revision=args.revision,
+                                            offline=args.offline or None)
+    except (CheckpointError, ValueError, RuntimeError) as exc:
+        print(f"recon3d: error: {exc}", file=sys.stderr)
+        return 2
+    args.output.mkdir(parents=True, exist_ok=True)
+    samples, bar = [], tqdm(total=100, desc=args.image.name, unit="%", file=sys.stderr)
+    try:
+        for event in pipe.run(args.image, options):
+            bar.set_postfix_str(event.message)
+            bar.update(int(event.fraction * 100) - bar.n)
+            if event.result is not None:
+                samples.append(event.result)
+                glb = event.result.save_glb(args.output / f"seed-{event.result.seed}.glb")
+                bar.write(json.dumps({"seed": event.result.seed, "glb": str(glb), "faces": len(event.result.mesh.faces)}))
+        if args.comparison and samples:
+            comparison_grid(samples, pipe.model).save(args.output / "comparison.png")
+    except (ImageError, EmptyMeshError, ValueError, OSError) as exc:
+        bar.write(f"recon3d: {args.image}: refused: {exc}", file=sys.stderr)
+        return 1
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        bar.write("recon3d: out of memory: try fewer seeds or a lower --resolution", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        bar.write(f"recon3d: interrupted; the finished samples are in {args.output}", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
+    return 0
+
+
+def run_train(args: argparse.Namespace) -> int:
+    """``train-dmv3d``: a checkpoint in OUTPUT that ``sample`` and the app load unchanged."""
+    from .pipelines.train_dmv3d import TrainOptions, train
+
+    data = args.data
+    try:
+        if args.synthetic:
+            from .models.dmv3d import CONFIGS
+            from .synthetic import write_dataset
+
+            data = args.output / "synthetic-data"
+            print(f"recon3d: rendering {args.synthetic} procedural objects into {data}", file=sys.stderr)
+            write_dataset(data, args.synthetic, size=CONFIGS[args.config].image_size, seed=args.seed)
+        options = TrainOptions(data=str(data), output=str(args.output), config=args.config, steps=args.steps,
+                               batch_size=args.batch_size, learning_rate=args.lr, grad_accumulation=args.grad_accumulation,
+                               mixed_precision=args.mixed_precision, checkpoint_every=args.checkpoint_every,
+                               log_every=args.log_every, lpips_weight=args.lpips_weight, seed=args.seed,
+                               resume=args.resume, cpu=args.cpu, render_size=args.render_size,
+                               warmup_steps=args.warmup_steps)
+        for event in train(options):
+            print(f"recon3d: {event.message}", file=sys.stderr, flush=True)
+    except ValueError as exc:  # bad options and dataset folders (DatasetError is a ValueError)
+        print(f"recon3d: error: {exc}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"recon3d: interrupted; the last checkpoint is in {args.output} (continue with --resume)", file=sys.stderr)
+        return 130
+    return 0
+
+
+COMMANDS = {"image": "run_image", "sample": "run_sample", "train-dmv3d": "run_train"}
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)
     args = build_parser().parse_args(argv)
     try:
-        return run_image(args) if args.command == "image" else 2
+        return globals()[COMMANDS[args.command]](args)
     except KeyboardInterrupt:  # Ctrl-C outside a command's own handling (e.g. while loading the model)
         print("recon3d: interrupted", file=sys.stderr)
         return 130

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
 
 @dataclass(frozen=True)
@@ -18,3 +19,7 @@ OPENLRM_CHECKPOINTS = [
     for size in ("small", "base", "large") for data in ("mix", "obj")
 ]
 DEFAULT_LRM = "zxhezexin/openlrm-mix-base-1.1"
+
+# DMV3D: no public weights exist; recon3d ships a small model trained on procedural shapes only.
+DEMO_DMV3D = Path(__file__).resolve().parents[1] / "assets" / "checkpoints" / "dmv3d-demo"
+DEMO_DMV3D_LABEL = "recon3d DMV3D demo (trained on procedural shapes only)"

@@ -9,6 +9,7 @@ like any field. :func:`write_dataset` renders them with recon3d's own renderer i
 
 from __future__ import annotations
 
+import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -113,6 +114,13 @@ class ViewLayout:
     distance: float = 2.0
     fov_deg: float = 50.0
 
+    def input_groups(self, views: int = 4) -> list[list[int]]:
+        """Ring views evenly spaced around the object, ``views`` at a time: DMV3D's input layout."""
+        if self.ring % views:
+            return []
+        step = self.ring // views
+        return [[start + k * step for k in range(views)] for start in range(step)]
+
     def cameras(self, generator: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
         """c2w (V, 4, 4) and normalised intrinsics (V, 4)."""
         from . import cameras
@@ -144,10 +152,13 @@ def render_object(obj: ProceduralObject, c2w: torch.Tensor, intrinsics: torch.Te
 def write_dataset(folder: str | Path, count: int, size: int = 64, seed: int = 0,
                   layout: ViewLayout | None = None, progress=None) -> Path:
     """Render ``count`` random objects into ``folder`` in the :mod:`recon3d.datasets` format."""
-    from .datasets import write_object
+    from .datasets import FORMAT, write_object
 
     layout = layout or ViewLayout()
     folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "dataset.json").write_text(json.dumps({"format": FORMAT, "objects": count, "image_size": size,
+                                                     "input_groups": layout.input_groups()}))
     for index in range(count):
         generator = torch.Generator().manual_seed(seed * 1_000_003 + index)  # object k is the same in any run
         obj = random_object(generator)
