@@ -17,6 +17,7 @@ from .devices import DTYPE_NAMES, choose_device
 from .hub import CheckpointError, hub_reachable
 from .images import FOREGROUND_RATIO_RANGE, ImageError
 from .mesh import EmptyMeshError, MAX_RESOLUTION, MIN_RESOLUTION
+from .models.lrm import DENSITY_LEVEL
 
 
 
@@ -31,7 +32,7 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--resolution", type=int, default=256, help=f"mesh grid resolution, {MIN_RESOLUTION}..{MAX_RESOLUTION}")
     image.add_argument("--foreground-ratio", type=float, default=0.8, help="object size in the square input (%g..%g, default 0.8)" % FOREGROUND_RATIO_RANGE)
     image.add_argument("--no-remove-background", action="store_true", help="do not remove the background")
-    image.add_argument("--threshold", type=parse_threshold, default=3.0,
+    image.add_argument("--threshold", type=parse_threshold, default=DENSITY_LEVEL,
                        help="density iso-level of the surface, or 'auto' for uncalibrated (e.g. fine-tuned) models")
     image.add_argument("--remove-floaters", type=float, default=0.0, metavar="FRACTION",
                        help="drop detached parts smaller than FRACTION of the largest (0: keep all, 1: largest only)")

@@ -3,11 +3,13 @@
 Three small steps, kept apart: where to sample along a ray (:func:`box_intersection`, :func:`stratified_depths`,
 :func:`importance_depths`), what is there (``field.query``), and how to composite (:func:`composite`).
 Rays are processed in chunks of ``chunk_rays`` rays per object, so memory stays bounded at any resolution
-(about N x chunk_rays x samples points at a time); with gradients on, the graph of every chunk is kept for the
-backward pass (about 175 KB per ray at 96 samples for the small LRM layout: bench/render.py). Everything runs on the field's device. Gradients flow from
-the images to the field through the colours and densities; the sample positions are not differentiated (the
-importance samples are drawn from detached weights). Jitter comes from one ``torch.Generator`` per object, drawn
-chunk by chunk, so object k renders the same alone or in a batch.
+(about N x chunk_rays x samples points at a time). With gradients on, each chunk is recomputed in the backward
+pass instead of keeping its graph (``RenderSettings.recompute``), so training memory is bounded too: only the
+chunk's rays and its outputs are kept. Everything runs on the field's device. Gradients flow from the images to
+the field through the colours and densities; the sample positions are not differentiated (the importance
+samples are drawn from detached weights). Jitter comes from one ``torch.Generator`` per object, drawn chunk by
+chunk before the chunk is shaded (so a recomputed chunk sees the same samples), and object k renders the same
+alone or in a batch.
 
 How density and colour are treated between samples
     Ours: each sample stands for the interval up to the next sample (the last one up to the ray's exit from the
@@ -16,13 +18,20 @@ How density and colour are treated between samples
     between the box entry and exit (the bin midpoint, or a uniform position in it with a generator); the fine
     samples are placed deterministically (evenly spaced quantiles) on the piecewise-constant distribution of the
     coarse weights, and coarse and fine samples are composited together, sorted by depth.
-    OpenLRM (what the facts we hold say): rays clipped to the box [-1, 1]^3; 48 + 48 (small, base) or 64 + 64
-    (large) stratified + importance samples per ray; deltas between consecutive samples; alpha =
-    1 - exp(-sigma * delta); the colour of the sample; white or random backgrounds. Not confirmed (not in our
-    facts): the delta given to the last sample, whether its importance samples are random or deterministic,
-    whether coarse and fine samples are composited together, and how the transmittance product is guarded.
-    An LRM checkpoint is rendered with the samples per ray it was trained with
-    (``rendering_samples_per_ray`` split in half: see the image pipeline).
+    OpenLRM's ray marcher (inherited from EG3D; read in its public code): coarse depths are an evenly spaced
+    linspace from the box entry to the exit, each jittered forward by up to one spacing at random; raw density
+    and colour are averaged between neighbouring samples and the density activation (softplus(raw - 1)) is
+    applied to the averaged raw value, so S samples give S - 1 intervals and nothing beyond the last sample;
+    alpha = 1 - exp(-density * delta); the transmittance product adds 1e-10 as ours does. Its importance
+    samples are random (inverse-CDF at uniform draws) from the coarse weights smoothed by a max-pool then an
+    average pool of width 2 plus 0.01; coarse and fine samples are composited together, sorted by depth.
+    48 + 48 (small, base) or 64 + 64 (large) samples per ray; white or random backgrounds in training.
+    So the two differ in (1) the value over an interval: ours holds the sample's activated density and
+    colour after it, OpenLRM activates the mean of the raw values at both ends (the same in the limit of
+    dense samples); (2) the last interval: ours extends to the box exit, so a surface right at the exit still
+    counts; (3) fine samples: ours are deterministic, so a render repeats exactly without a generator.
+    An LRM checkpoint is rendered with the samples per ray it was trained with (``rendering_samples_per_ray``
+    split in half: see the image pipeline).
 """
 
 from __future__ import annotations
@@ -47,6 +56,7 @@ class RenderSettings:
     chunk_rays: int = 4096  # rays of each object per chunk
     background: Background = (1.0, 1.0, 1.0)
     box_radius: float = 1.0  # rays are clipped to the box [-r, r]^3
+    recompute: bool = True  # with gradients on, redo each chunk in backward rather than keep its graph
 
 
 def box_intersection(origins: torch.Tensor, dirs: torch.Tensor, radius: float = 1.0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -127,14 +137,27 @@ def background_colour(background: Background, dirs: torch.Tensor) -> torch.Tenso
 
 def _render_chunk(field: Field, origins: torch.Tensor, dirs: torch.Tensor, settings: RenderSettings,
                   generators: Sequence[torch.Generator] | None) -> dict[str, torch.Tensor]:
-    """One chunk of rays (N, R, 3): sample, query, composite (no background)."""
+    """One chunk of rays (N, R, 3): where to sample, then what is there and how it composites (no background).
+    The random coarse depths are drawn here, outside the part that may be recomputed in backward."""
     near, far, hit = box_intersection(origins, dirs, settings.box_radius)  # (N, R) each
     far = torch.where(hit, far, near + 1e-3)
     depths = stratified_depths(near, far, settings.coarse_samples, generators)  # (N, R, S)
+    if settings.recompute and torch.is_grad_enabled():
+        from torch.utils.checkpoint import checkpoint
+
+        return checkpoint(_shade_chunk, field, origins, dirs, depths, far, hit, settings.fine_samples,
+                          use_reentrant=False)
+    return _shade_chunk(field, origins, dirs, depths, far, hit, settings.fine_samples)
+
+
+def _shade_chunk(field: Field, origins: torch.Tensor, dirs: torch.Tensor, depths: torch.Tensor, far: torch.Tensor,
+                 hit: torch.Tensor, fine_samples: int) -> dict[str, torch.Tensor]:
+    """Query the coarse depths (N, R, S), add deterministic importance samples, composite. Deterministic, so
+    recomputing it in backward gives the same graph."""
     density, rgb = query_along(field, origins, dirs, depths)
-    if settings.fine_samples > 0:
+    if fine_samples > 0:
         weights = composite(density, rgb, depths, far)["weights"]
-        extra = importance_depths(depths, weights, settings.fine_samples)
+        extra = importance_depths(depths, weights, fine_samples)
         depths, order = torch.sort(torch.cat([depths, extra], -1), -1)
         extra_density, extra_rgb = query_along(field, origins, dirs, extra)
         density = torch.cat([density, extra_density], -1).gather(-1, order)

@@ -18,7 +18,7 @@ from ..cancel import NEVER, CancelToken
 from ..field import TriplaneField
 from ..images import BackgroundRemover, check_foreground_ratio, ImageInput, PreparedImage, image_to_tensor, prepare_image
 from ..mesh import Mesh, MeshSettings, check_resolution, extract_mesh
-from ..models.lrm import LRM, LRMConfig, random_lrm
+from ..models.lrm import DENSITY_LEVEL, LRM, LRMConfig, random_lrm
 from ..render import RenderSettings, render_view
 from .progress import Progress, check_before_each, run_to_end, timed
 
@@ -29,7 +29,7 @@ class ImageTo3DOptions:
     mesh_resolution: int = 256
     remove_background: bool = True
     camera_distance: float = cameras.LRM_SOURCE_DISTANCE
-    density_threshold: float | None = 3.0  # None: pick a level from the grid (for random weights)
+    density_threshold: float | None = DENSITY_LEVEL  # None: pick a level from the grid (for random weights)
     remove_floaters: float = 0.0  # drop parts smaller than this fraction of the largest (0: keep all, 1: largest)
 
     def validate(self) -> "ImageTo3DOptions":
