@@ -9,6 +9,7 @@ import argparse
 import logging
 import math
 import os
+import secrets
 from pathlib import Path
 
 import gradio as gr
@@ -21,8 +22,10 @@ from recon3d.hub import CheckpointError
 from recon3d.images import FOREGROUND_RATIO_RANGE, ImageError
 from recon3d.mesh import MAX_RESOLUTION, MIN_RESOLUTION, EmptyMeshError
 from recon3d.pipelines.image_to_3d import ImageTo3DOptions
-from recon3d.service import (ModelService, ServiceSettings, cpu_cost_note, default_resolution, free_device_memory,
-                             image_job, is_out_of_memory, load_cpu_costs)
+from recon3d.pipelines.sample_3d import MAX_SEEDS, MAX_STEPS, SampleOptions, parse_seeds
+from recon3d.service import (RANDOM_DMV3D_CHOICES, ModelService, ServiceSettings, ShownSample, cpu_cost_note,
+                             default_resolution, free_device_memory, image_job, is_out_of_memory, load_cpu_costs,
+                             sample_job)
 from recon3d.sessions import Sessions, iterate_in_thread
 
 log = logging.getLogger("recon3d.app")
@@ -36,6 +39,7 @@ GPU_QUEUE = "gpu"  # every event that uses the model shares this concurrency gro
 RANDOM_BANNER = ("### ⚠️ Random weights\nThis server runs **random-weight models** (`--random-weights`): the whole "
                  "path runs and the files are real, but the shapes mean nothing. Use it to test the app offline.")
 USER_ERRORS = (CheckpointError, ImageError, EmptyMeshError, ValueError)
+MAX_SHOWN = MAX_SEEDS  # sample slots on the page (each a 3D viewer: browsers cap WebGL contexts)
 
 
 class UploadedImage(gr.Image):
@@ -74,6 +78,17 @@ def timings_table(result) -> str:
             f"{stats['field_queries']:,} points (a dense grid: {stats['dense_queries']:,})")
 
 
+def whole_number(value, name: str) -> int:
+    """A form number that must be a finite whole number; anything else is refused with a message."""
+    try:
+        number = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{name} must be a number.") from None
+    if not math.isfinite(number) or not number.is_integer():
+        raise gr.Error(f"{name} must be a whole number, got {value}.")
+    return int(number)
+
+
 def image_options(remove_background, foreground_ratio, mesh_resolution, remove_floaters) -> ImageTo3DOptions:
     """The form's values as pipeline options; a value out of range is refused with a message, never clamped."""
     try:
@@ -93,6 +108,25 @@ def image_options(remove_background, foreground_ratio, mesh_resolution, remove_f
         raise gr.Error(f"{str(exc)[:1].upper()}{str(exc)[1:]}.") from None
 
 
+async def visitor_job(job, cancel, name: str):
+    """A visitor's job run in a worker thread, its progress events passed on; whatever goes wrong reaches the
+    visitor as one line (the traceback goes to the log), and the app keeps serving."""
+    try:
+        async for event in iterate_in_thread(job, cancel):
+            yield event
+    except USER_ERRORS as exc:
+        log.info("%s refused: %s", name, exc)
+        raise gr.Error(str(exc).splitlines()[0]) from None
+    except Cancelled:
+        raise gr.Error("The job was cancelled.") from None
+    except Exception as exc:
+        if is_out_of_memory(exc):
+            free_device_memory()
+            raise gr.Error("Out of memory: try a lower resolution, fewer samples or a smaller checkpoint.") from None
+        log.exception("%s failed", name)
+        raise gr.Error(f"Unexpected error ({type(exc).__name__}); the server log has the details.") from None
+
+
 def make_image_to_3d_handler(service: ModelService, sessions: Sessions):
     async def image_to_3d(image_path, checkpoint, remove_background, foreground_ratio, mesh_resolution,
                           remove_floaters=True, request: gr.Request = None, progress=gr.Progress()):
@@ -105,22 +139,10 @@ def make_image_to_3d_handler(service: ModelService, sessions: Sessions):
         if not is_example(image_path):  # the visitor's own upload leaves with them
             sessions.adopt(session, image_path)
         with sessions.job(session) as cancel:
-            try:
-                job = image_job(service, sessions, session, checkpoint, image_path, options, cancel)
-                async for event in iterate_in_thread(job, cancel):
-                    progress(event.fraction, desc=event.message)
-                    outputs = event.result or outputs
-            except USER_ERRORS as exc:
-                log.info("image_to_3d refused: %s", exc)
-                raise gr.Error(str(exc).splitlines()[0]) from None
-            except Cancelled:
-                raise gr.Error("The job was cancelled.") from None
-            except Exception as exc:  # one line for the visitor, the traceback for the log
-                if is_out_of_memory(exc):
-                    free_device_memory()
-                    raise gr.Error("Out of memory: try a lower mesh resolution or a smaller checkpoint.") from None
-                log.exception("image_to_3d failed")
-                raise gr.Error(f"Unexpected error ({type(exc).__name__}); the server log has the details.") from None
+            job = image_job(service, sessions, session, checkpoint, image_path, options, cancel)
+            async for event in visitor_job(job, cancel, "image_to_3d"):
+                progress(event.fraction, desc=event.message)
+                outputs = event.result or outputs
         pipe, result, processed, glb = outputs
         notes = "".join(f"\n\n> {note}" for note in result.notes)
         label = "\n\n**Random weights: this mesh is meaningless.**" if pipe.random_weights else ""
@@ -168,6 +190,167 @@ def build_image_tab(service: ModelService, sessions: Sessions) -> None:
     cancel.click(fn=None, cancels=[job], api_name=False)
 
 
+def new_seeds(count: int, taken: set[int]) -> list[int]:
+    """``count`` fresh random seeds, none of them in ``taken``; shown with their samples, so each is repeatable."""
+    seeds: list[int] = []
+    while len(seeds) < count:
+        seed = secrets.randbelow(2 ** 31)
+        if seed not in taken and seed not in seeds:
+            seeds.append(seed)
+    return seeds
+
+
+def sample_options(service: ModelService, count, seeds_text, steps, remove_background, foreground_ratio,
+                   shown: list[ShownSample]) -> SampleOptions:
+    """The form's values as sampler options for new samples next to ``shown``: the seed list if one is given,
+    else ``count`` new random seeds. Out-of-range values are refused with a message."""
+    taken = {sample.seed for sample in shown}
+    try:
+        if str(seeds_text or "").strip():
+            seeds = parse_seeds(seeds_text)
+            repeated = [seed for seed in seeds if seed in taken]
+            if repeated:
+                raise ValueError(f"seed {repeated[0]} is already shown")
+        else:
+            count = whole_number(count, "The number of samples")
+            if not 1 <= count <= MAX_SEEDS:
+                raise ValueError(f"the number of samples must be between 1 and {MAX_SEEDS}, got {count}")
+            seeds = new_seeds(count, taken)
+        if len(shown) + len(seeds) > MAX_SHOWN:
+            raise ValueError(f"at most {MAX_SHOWN} samples are shown at once ({len(shown)} shown): press Generate "
+                             f"to start over")
+        options = SampleOptions(seeds=seeds, steps=whole_number(steps, "Steps"),
+                                remove_background=bool(remove_background), foreground_ratio=float(foreground_ratio),
+                                mesh_resolution=default_resolution(service.device))
+        return options.validate()
+    except ValueError as exc:
+        raise gr.Error(f"{str(exc)[:1].upper()}{str(exc)[1:]}.") from None
+
+
+class SampleSlots:
+    """The page's places for samples, side by side: each a seed line, a 3D viewer and a GLB download.
+    The viewers stay mounted (empty until their sample arrives): a gr.Model3D that starts hidden never gets its
+    canvas in Gradio 6.31, so only the captions and files are shown and hidden."""
+
+    def __init__(self, count: int, per_row: int = 4):
+        self.captions, self.viewers, self.files = [], [], []
+        for first in range(0, count, per_row):
+            with gr.Row(equal_height=True):
+                for index in range(first, min(first + per_row, count)):
+                    with gr.Column(min_width=200):
+                        self.captions.append(gr.Markdown(visible=False, elem_id=f"sample-caption-{index}"))
+                        self.viewers.append(gr.Model3D(label=f"Sample {index + 1}", height=240,
+                                                       clear_color=(0.85, 0.85, 0.85, 1.0),
+                                                       elem_id=f"sample-{index}"))
+                        self.files.append(gr.File(visible=False, label="GLB", elem_id=f"sample-file-{index}"))
+
+    @property
+    def components(self) -> list:
+        return [*self.captions, *self.viewers, *self.files]
+
+    def updates(self, shown: list[ShownSample], random_weights: bool) -> dict:
+        """Every slot shows its sample, or is emptied when it has none."""
+        updates = {}
+        for index, (caption, viewer, file) in enumerate(zip(self.captions, self.viewers, self.files)):
+            if index < len(shown):
+                sample = shown[index]
+                text = f"**Seed {sample.seed}**" + (" · random weights" if random_weights else "")
+                text += f"  \n_{sample.note}_" if sample.note else ""
+                updates |= {caption: gr.update(value=text, visible=True), viewer: str(sample.glb),
+                            file: gr.update(value=str(sample.glb), visible=True)}
+            else:
+                updates |= {caption: gr.update(value="", visible=False), viewer: None,
+                            file: gr.update(value=None, visible=False)}
+        return updates
+
+
+def make_samples_handler(service: ModelService, sessions: Sessions, slots: SampleSlots, outputs: dict,
+                         keep_shown: bool):
+    """Generate (``keep_shown=False``: start over) or More samples (add to those shown). Streams the x0 preview
+    at every step and each sample as it finishes; the last update adds the comparison image."""
+    status, preview, comparison, all_files, state = (outputs[k] for k in
+                                                     ("status", "preview", "comparison", "files", "state"))
+
+    async def sample_3d(image_path, checkpoint, count, seeds_text, steps, remove_background, foreground_ratio,
+                        shown=None, request: gr.Request = None, progress=gr.Progress()):
+        """Several plausible 3D objects from one image, one per seed: each a GLB, with a comparison image."""
+        if not image_path:
+            raise gr.Error("Upload an image first (PNG, JPEG or WebP).")
+        shown = list(shown or []) if keep_shown else []
+        options = sample_options(service, count, seeds_text, steps, remove_background, foreground_ratio, shown)
+        session = visitor_id(request)
+        if not is_example(image_path):
+            sessions.adopt(session, image_path)
+        random_weights = checkpoint in RANDOM_DMV3D_CHOICES
+        label = RANDOM_SAMPLES_NOTE if random_weights else ""
+        samples, grid, last_preview = list(shown), None, None
+        with sessions.job(session) as cancel:
+            job = sample_job(service, sessions, session, checkpoint, image_path, options, shown, cancel)
+            async for event in visitor_job(job, cancel, "sample_3d"):
+                progress(event.fraction, desc=event.message)
+                update = {status: event.message + label}
+                if event.preview is not None:
+                    update[preview] = last_preview = str(event.preview)
+                if isinstance(event.result, ShownSample):
+                    samples.append(event.result)
+                    update |= slots.updates(samples, random_weights) | {state: samples}
+                elif event.result is not None:
+                    grid = event.result
+                if len(update) > 1:
+                    yield update
+        seeds = ", ".join(str(sample.seed) for sample in samples)
+        yield {status: f"{len(samples)} samples (seeds {seeds}): the same seed and settings give the same "
+                       f"object again." + label,
+               comparison: str(grid), all_files: [str(sample.glb) for sample in samples], state: samples,
+               preview: last_preview, **slots.updates(samples, random_weights)}
+
+    return sample_3d
+
+
+RANDOM_SAMPLES_NOTE = "\n\n**Random weights: these samples are meaningless.**"
+
+
+def build_samples_tab(service: ModelService, sessions: Sessions) -> None:
+    choices = service.dmv3d_choices()
+    low, high = FOREGROUND_RATIO_RANGE
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = UploadedImage(label="Input image", type="filepath", image_mode=None,
+                                  sources=["upload", "clipboard"], elem_id="samples-image")
+            checkpoint = gr.Dropdown(choices, value=choices[0][1], label="DMV3D checkpoint")
+            count = gr.Slider(1, MAX_SEEDS, value=4, step=1, label=f"Number of samples (1..{MAX_SEEDS})",
+                              elem_id="samples-count")
+            seeds = gr.Textbox(label="Seeds (optional)", placeholder="e.g. 1, 7, 42; empty: new random seeds",
+                               info="A list overrides the number of samples; a seed gives the same sample again.",
+                               elem_id="samples-seeds")
+            steps = gr.Number(30, step=1, label=f"Denoising steps (1..{MAX_STEPS})", elem_id="samples-steps")
+            remove_background = gr.Checkbox(True, label="Remove background (when the image has no transparency)")
+            foreground_ratio = gr.Number(0.8, step=0.05, label=f"Foreground ratio ({low:g}..{high:g})")
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", elem_id="samples-generate")
+                more = gr.Button("More samples", elem_id="samples-more")
+                cancel = gr.Button("Cancel", variant="stop", elem_id="samples-cancel")
+            gr.Examples(EXAMPLES, inputs=[image], label="Examples (click one)")
+        with gr.Column(scale=2):
+            status = gr.Markdown(elem_id="samples-status")
+            with gr.Row():
+                preview = gr.Image(label="Denoising: current x0 views (rows: samples, columns: views)",
+                                   interactive=False, type="filepath", height=200, elem_id="samples-preview")
+                comparison = gr.Image(label="Comparison: every sample from the same angles", interactive=False,
+                                      type="filepath", height=200, elem_id="samples-comparison")
+            files = gr.File(label="All GLBs", file_count="multiple", elem_id="samples-files")
+    slots = SampleSlots(MAX_SHOWN)
+    state = gr.State([])
+    outputs = {"status": status, "preview": preview, "comparison": comparison, "files": files, "state": state}
+    inputs = [image, checkpoint, count, seeds, steps, remove_background, foreground_ratio, state]
+    events = []
+    for button, keep, api_name in ((generate, False, "sample_3d"), (more, True, "more_samples")):
+        events.append(button.click(make_samples_handler(service, sessions, slots, outputs, keep), inputs=inputs,
+                                   outputs=[*outputs.values(), *slots.components], show_progress_on=[comparison],
+                                   api_name=api_name, concurrency_id=GPU_QUEUE, concurrency_limit=1))
+    cancel.click(fn=None, cancels=events, api_name=False)
+
+
 def build_app(service: ModelService, sessions: Sessions) -> gr.Blocks:
     with gr.Blocks(title="recon3d", delete_cache=(1800, 3600)) as demo:
         gr.Markdown("# recon3d\nA photo in, a 3D model out: spin it, then download the GLB.")
@@ -181,6 +364,12 @@ def build_app(service: ModelService, sessions: Sessions) -> gr.Blocks:
                         f"Your files are private to this browser tab and deleted when you close it "
                         f"(API calls: after {sessions.ttl_s / 60:g} minutes).")
             build_image_tab(service, sessions)
+        with gr.Tab("Stochastic samples"):
+            gr.Markdown("DMV3D (Xu et al., ICLR 2024): a photo does not fix the back of an object, so each seed gives "
+                        "another plausible one. Every denoising step is itself a 3D model (the preview shows its "
+                        "views). No public DMV3D weights exist: the default model was **trained on procedural "
+                        "shapes only** (boxes, spheres, cylinders, cones, tori) by recon3d, so expect such shapes.")
+            build_samples_tab(service, sessions)
 
         def end_session(request: gr.Request) -> None:
             """The visitor left: cancel their running job and delete their files."""
@@ -198,6 +387,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                         default=os.environ.get("RECON3D_RANDOM_WEIGHTS", "") not in ("", "0", "false"))
     parser.add_argument("--device", default=None)
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
+    parser.add_argument("--dmv3d", default=None, metavar="REPO_OR_FOLDER",
+                        help="a DMV3D checkpoint for the Stochastic samples tab (default: the shipped demo model)")
     parser.add_argument("--max-queue", type=int, default=16, help="requests waiting at most")
     parser.add_argument("--output-ttl", type=float, default=OUTPUT_TTL_S, metavar="SECONDS",
                         help="remove a visitor's files this long after their last job (default: 3600)")
@@ -207,7 +398,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> None:
     args = parse_args(argv)
     device, dtype = choose_device(args.device, args.dtype)
-    service = ModelService(ServiceSettings(random_weights=args.random_weights, device=device, dtype=dtype))
+    service = ModelService(ServiceSettings(random_weights=args.random_weights, device=device, dtype=dtype,
+                                           dmv3d=args.dmv3d))
     service.warm_up()
     sessions = Sessions(OUTPUTS_DIR, ttl_s=args.output_ttl)
     sessions.clear()  # files of an earlier run that no session knows any more

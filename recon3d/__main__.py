@@ -230,7 +230,7 @@ def run_sample(args: argparse.Namespace) -> int:
                 glb = event.result.save_glb(args.output / f"seed-{event.result.seed}.glb")
                 bar.write(json.dumps({"seed": event.result.seed, "glb": str(glb), "faces": len(event.result.mesh.faces)}))
         if args.comparison and samples:
-            comparison_grid(samples, pipe.model).save(args.output / "comparison.png")
+            comparison_grid([s.planes for s in samples], pipe.model).save(args.output / "comparison.png")
     except (ImageError, EmptyMeshError, ValueError, OSError) as exc:
         bar.write(f"recon3d: {args.image}: refused: {exc}", file=sys.stderr)
         return 1

@@ -14,11 +14,14 @@ from typing import Iterator
 
 import torch
 
-from .checkpoints import OPENLRM_CHECKPOINTS
+from .checkpoints import DEMO_DMV3D, DEMO_DMV3D_LABEL, OPENLRM_CHECKPOINTS
 from .hub import CheckpointError, hub_reachable
+from .models.dmv3d import DEMO_CONFIG as DMV3D_DEMO_CONFIG
 from .models.lrm import PUBLISHED_CONFIGS, TINY_CONFIG
 from .pipelines.image_to_3d import ImageTo3D
 from .pipelines.progress import Progress
+from .pipelines.sample_3d import (Sample, Sample3D, SampleOptions, StepPreview, comparison_grid,
+                                  preview_grid)
 
 CPU_DEFAULT_RESOLUTION = 128  # on a CPU, 256^3 takes minutes
 GPU_DEFAULT_RESOLUTION = 256
@@ -27,6 +30,7 @@ RANDOM_CHOICES = {
     "random-tiny (random weights)": TINY_CONFIG,
     "random-small (random weights, OpenLRM small shapes)": PUBLISHED_CONFIGS["small"],
 }
+RANDOM_DMV3D_CHOICES = {"random DMV3D (random weights, demo shapes)": DMV3D_DEMO_CONFIG}
 
 
 @dataclass
@@ -36,6 +40,7 @@ class ServiceSettings:
     dtype: torch.dtype = torch.float32
     offline: bool | None = None  # None: probe the Hub once at start
     max_loaded: int = 1  # pipelines kept in memory at once
+    dmv3d: str | None = None  # a DMV3D checkpoint (repo id or folder) offered before the shipped demo model
 
 
 class ModelService:
@@ -48,7 +53,7 @@ class ModelService:
             self.offline = True
         else:
             self.offline = settings.offline if settings.offline is not None else not hub_reachable()
-        self._loaded: OrderedDict[str, ImageTo3D] = OrderedDict()
+        self._loaded: OrderedDict[str, ImageTo3D | Sample3D] = OrderedDict()
         self._lock = threading.Lock()
 
     def warm_up(self) -> threading.Thread:
@@ -70,8 +75,25 @@ class ModelService:
             return [(name, name) for name in RANDOM_CHOICES]
         return [(c.label, c.repo_id) for c in OPENLRM_CHECKPOINTS]
 
+    def dmv3d_choices(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for the Stochastic samples dropdown: the configured checkpoint, the shipped demo
+        model (trained on procedural shapes only), and random weights when the app runs with them."""
+        choices = [(f"{self.settings.dmv3d} (configured)", self.settings.dmv3d)] if self.settings.dmv3d else []
+        if (DEMO_DMV3D / "config.json").is_file():
+            choices.append((DEMO_DMV3D_LABEL, str(DEMO_DMV3D)))
+        if self.settings.random_weights or not choices:
+            choices += [(name, name) for name in RANDOM_DMV3D_CHOICES]
+        return choices
+
     def image_to_3d(self, name: str) -> ImageTo3D:
-        """The pipeline for a dropdown value or a checkpoint folder; raises CheckpointError with a user message."""
+        """The pipeline for a dropdown value; raises CheckpointError with a user message."""
+        return self._get(name, self._load_lrm)
+
+    def sample_3d(self, name: str) -> Sample3D:
+        """The DMV3D sampler for a dropdown value; raises CheckpointError with a user message."""
+        return self._get(name, self._load_dmv3d)
+
+    def _get(self, name: str, load):
         with self._lock:
             if name in self._loaded:
                 self._loaded.move_to_end(name)
@@ -80,18 +102,25 @@ class ModelService:
                 self._loaded.popitem(last=False)
                 if self.device.type == "cuda":
                     torch.cuda.empty_cache()
-            self._loaded[name] = self._load(name)
+            self._loaded[name] = load(name)
             return self._loaded[name]
 
-    def _load(self, name: str) -> ImageTo3D:
+    def _load_lrm(self, name: str) -> ImageTo3D:
         if self.settings.random_weights:
             if name not in RANDOM_CHOICES:
                 raise CheckpointError(f"{name}: this app runs with --random-weights; choose one of the random models")
             return ImageTo3D.random(RANDOM_CHOICES[name], device=self.device, dtype=self.dtype)
-        known = {c.repo_id for c in OPENLRM_CHECKPOINTS}
-        if name not in known and not Path(name).is_dir():
+        if name not in {value for _, value in self.lrm_choices()}:  # never a path a visitor typed
             raise CheckpointError(f"{name}: unknown checkpoint")
         return ImageTo3D.from_pretrained(name, device=self.device, dtype=self.dtype, offline=self.offline)
+
+    def _load_dmv3d(self, name: str) -> Sample3D:
+        if name not in {value for _, value in self.dmv3d_choices()}:  # never a path a visitor typed
+            raise CheckpointError(f"{name}: unknown DMV3D checkpoint")
+        if name in RANDOM_DMV3D_CHOICES:
+            return Sample3D.random(RANDOM_DMV3D_CHOICES[name], device=self.device, dtype=self.dtype)
+        return Sample3D.from_pretrained(name, device=self.device, dtype=self.dtype,
+                                        offline=self.offline or Path(name).is_dir())
 
 
 def default_resolution(device: torch.device) -> int:
@@ -150,3 +179,39 @@ def image_job(service: ModelService, sessions, session: str, checkpoint: str, im
         processed = sessions.output_path(session, "input", ".png")
         result.processed_image.save(processed)
         yield Progress("done", 1.0, event.message, result=(pipe, result, processed, glb))
+
+
+@dataclass
+class ShownSample:
+    """What the page keeps of a finished sample: enough to show it, compare it and download it."""
+
+    seed: int
+    planes: torch.Tensor  # (1, 3, C, H, W) on the CPU: for the comparison image
+    glb: Path
+    note: str | None = None
+
+
+def sample_job(service: ModelService, sessions, session: str, checkpoint: str, image_path: str,
+               options: SampleOptions, shown: list[ShownSample], cancel) -> Iterator[Progress]:
+    """One visitor's Stochastic samples job, meant for a worker thread. Progress events whose ``preview`` is the
+    path of a PNG of the current x0 views and whose ``result`` is a :class:`ShownSample` per finished seed; the
+    last event's result is the path of a comparison image of ``shown`` and the new samples together."""
+    yield Progress("load", 0.0, "Loading the checkpoint")
+    pipe = service.sample_3d(checkpoint)
+    samples = list(shown)
+    for event in pipe.run(image_path, options, cancel):
+        if isinstance(event.preview, StepPreview):
+            path = sessions.output_path(session, "preview", ".png")
+            preview_grid(event.preview.views).save(path)
+            yield Progress(event.stage, event.fraction, event.message, preview=path)
+        elif isinstance(event.result, Sample):
+            sample = event.result
+            glb = sample.save_glb(sessions.output_path(session, f"seed-{sample.seed}", ".glb"))
+            samples.append(ShownSample(sample.seed, sample.planes, glb, sample.metadata.get("note")))
+            yield Progress(event.stage, event.fraction, event.message, result=samples[-1])
+        else:
+            yield event
+    cancel.check()
+    grid = sessions.output_path(session, "comparison", ".png")
+    comparison_grid([s.planes for s in samples], pipe.model).save(grid)
+    yield Progress("done", 1.0, f"{len(samples)} samples", result=grid)

@@ -299,7 +299,7 @@ def test_out_of_memory_and_a_missing_image_become_clear_ui_errors(tmp_path):
     def call(image):
         return asyncio.run(handler(image, "any", True, 0.8, 256, True, progress=lambda *a, **k: None))
 
-    with pytest.raises(gr.Error, match="Out of memory: try a lower mesh resolution"):
+    with pytest.raises(gr.Error, match="Out of memory: try a lower resolution"):
         call(str(ROOT / "examples" / "duck.png"))
     with pytest.raises(gr.Error, match="Upload an image first"):
         call(None)
@@ -447,3 +447,119 @@ def test_readme_client_example_runs_against_random_weights(app_url, tmp_path, mo
     exec(compile(code, "README.md", "exec"), namespace)
     glb_summary(namespace["glb_file"])
     assert "**total**" in namespace["timings_md"] and "Random weights" in namespace["timings_md"]
+
+
+RANDOM_DMV3D = "random DMV3D (random weights, demo shapes)"
+
+
+def glb_extras(path):
+    import pygltflib
+
+    return pygltflib.GLTF2().load(str(path)).asset.extras
+
+
+def shown(update):
+    """What a slot of the page shows: its value when visible (the API sends slots as visibility updates)."""
+    if isinstance(update, dict):
+        return update.get("value") if update.get("visible") else None
+    return update
+
+
+def sample_call(client, *, seeds="", count=3, steps=4, checkpoint=RANDOM_DMV3D, api_name="/sample_3d"):
+    from gradio_client import handle_file
+
+    return client.submit(handle_file(str(ROOT / "examples" / "duck.png")), checkpoint, count, seeds, steps, False,
+                         0.8, api_name=api_name)
+
+
+def test_samples_tab_streams_three_seeds_into_three_distinct_glbs_and_more_keeps_them(app_url):
+    import hashlib
+
+    from gradio_client import Client
+    from PIL import Image
+
+    client = Client(app_url, verbose=False)
+    assert {"/sample_3d", "/more_samples"} <= set(client.view_api(print_info=False,
+                                                                  return_format="dict")["named_endpoints"])
+    job = sample_call(client, seeds="1, 7, 42")
+    status, preview, comparison, files, *slots = job.result()
+    assert len(files) == 3 and "3 samples (seeds 1, 7, 42)" in status and "Random weights" in status
+    digests = {hashlib.sha256(open(path, "rb").read()).hexdigest() for path in files}
+    assert len(digests) == 3  # three different objects
+    for path, seed in zip(files, (1, 7, 42)):
+        glb_summary(path)
+        extras = glb_extras(path)
+        assert (extras["method"], extras["seed"], extras["steps"], extras["random_weights"]) == ("DMV3D", seed, 4, True)
+        assert extras["checkpoint"] == "random weights" and extras["recon3d_version"]
+    assert Image.open(comparison).size == (4 * 96, 3 * 96)  # one row per sample, four angles
+    streamed = job.outputs()[:-1]
+    previews = {update[1] for update in streamed if isinstance(update[1], str)}
+    assert len(previews) >= 4  # a new x0 preview at every step, before the samples were done
+    assert Image.open(sorted(previews)[0]).size == (4 * 96, 3 * 96)  # three samples x four views
+    assert not any(isinstance(update[3], list) for update in streamed[:4])  # the samples came after the previews
+    captions, viewers = [shown(slot) for slot in slots[:8]], [shown(slot) for slot in slots[8:16]]
+    assert [c for c in captions if c] == ["**Seed 1** · random weights", "**Seed 7** · random weights",
+                                          "**Seed 42** · random weights"]
+    assert len([v for v in viewers if v]) == 3 and all(str(v).endswith(".glb") for v in viewers if v)
+
+    again = sample_call(client, seeds="7", count=1).result()[3]  # seed 7 alone: the same object as in the batch
+    first_positions, again_positions = glb_summary(files[1])[0], glb_summary(again[0])[0]
+    assert first_positions.shape == again_positions.shape and np.abs(first_positions - again_positions).max() < 1e-4
+
+    more = sample_call(client, count=2, api_name="/more_samples").result()  # adds two new seeds to those shown
+    status, _, comparison, more_files, *_ = more
+    assert len(more_files) == 3 and "3 samples" in status  # the seed-7 call started over, then two were added
+    assert Image.open(comparison).size == (4 * 96, 3 * 96)
+    assert open(more_files[0], "rb").read() == open(again[0], "rb").read()
+    assert len({glb_extras(path)["seed"] for path in more_files}) == 3
+
+
+def test_samples_tab_refuses_bad_seeds_counts_and_steps_in_one_line(app_url):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    cases = [({"seeds": "1, x"}, "Seeds must be whole numbers separated by commas; 'x' is not one"),
+             ({"seeds": ", ".join(str(s) for s in range(9))}, "At most 8 samples at once, got 9"),
+             ({"seeds": "3, 3"}, "Each seed may appear once"),
+             ({"seeds": "-1"}, "Seed -1 is out of range"),
+             ({"count": 9}, "Value 9 is greater than maximum value 8"),  # the slider checks its range
+             ({"steps": 0}, "Steps must be between 1 and 200, got 0"),
+             ({"steps": 2.5}, "Steps must be a whole number"),
+             ({"steps": 1000}, "Steps must be between 1 and 200, got 1000"),
+             ({"checkpoint": "/etc"}, "Value: /etc is not in the list of choices")]  # never a server path
+    for arguments, message in cases:
+        with pytest.raises(Exception) as refused:
+            sample_call(client, **arguments).result()
+        assert message in str(refused.value) and "\n" not in str(refused.value), (arguments, str(refused.value))
+
+
+def test_real_browser_shows_samples_side_by_side_with_a_live_preview(app_url, tmp_path):
+    require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": 1400, "height": 1300})
+            page.goto(app_url, wait_until="domcontentloaded")
+            page.get_by_role("tab", name="Stochastic samples").click()
+            page.wait_for_selector("#samples-generate", timeout=60000)
+            page.locator("#samples-image input[type=file]").set_input_files(str(ROOT / "examples" / "duck.png"))
+            page.locator("#samples-seeds textarea").fill("1, 2, 3")
+            page.locator("#samples-steps input").fill("4")
+            page.locator("#samples-generate").click()
+            page.locator("#samples-preview img").wait_for(state="visible", timeout=90000)  # x0 views while it runs
+            centres = []
+            for index in range(3):
+                canvas = page.locator(f"#sample-{index} canvas")
+                canvas.wait_for(state="visible", timeout=120000)
+                centres.append(wait_for_mesh_pixels(page, canvas))
+            page.locator("#samples-comparison img").wait_for(state="visible", timeout=60000)
+            captions = [page.inner_text(f"#sample-caption-{index}") for index in range(3)]
+            hidden = page.locator("#sample-caption-3").count() + page.locator("#sample-file-3").count()
+            page.screenshot(path=str(tmp_path / "samples.png"))
+        finally:
+            browser.close()
+    assert all(shows_mesh(centre) for centre in centres), "a sample's viewer shows no mesh"
+    assert [caption.split()[:2] for caption in captions] == [["Seed", "1"], ["Seed", "2"], ["Seed", "3"]]
+    assert hidden == 0  # the fourth slot shows no seed and no file

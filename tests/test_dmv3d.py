@@ -173,7 +173,7 @@ def test_sampler_streams_previews_keeps_the_condition_clean_and_exports_each_sam
     extras = pygltflib.GLTF2().load(str(path)).asset.extras
     assert extras["method"] == "DMV3D" and extras["seed"] == 2 and extras["steps"] == 4
     assert extras["checkpoint"] == "tiny test model" and extras["recon3d_version"]
-    grid = comparison_grid(samples, sampler.model, size=24)
+    grid = comparison_grid([s.planes for s in samples], sampler.model, size=24)
     assert grid.size == (4 * 24, 2 * 24)
 
 
@@ -245,3 +245,13 @@ def test_cli_sample_writes_one_glb_per_seed_and_refuses_bad_seeds(tmp_path):
     bad = run("--seeds", "1,,x")
     assert bad.returncode == 2 and "recon3d: error: seeds must be whole numbers" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+def test_preview_grid_puts_samples_in_rows_and_views_in_columns():
+    from recon3d.pipelines.sample_3d import preview_grid
+
+    views = torch.ones(2, 3, 3, 4, 4)  # 2 samples x 3 views, white
+    views[1, 2] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]  # sample 1, view 2: red
+    grid = np.asarray(preview_grid(views, size=8))
+    assert grid.shape == (2 * 8, 3 * 8, 3)
+    assert (grid[8:, 16:] == [255, 0, 0]).all() and (grid[:8] == 255).all() and (grid[8:, :16] == 255).all()

@@ -205,9 +205,10 @@ def _seed_list(seeds: list[int]) -> str:
     return ", ".join(str(s) for s in seeds)
 
 
-def comparison_grid(samples: list[Sample], model: DMV3D, angles_deg=(0.0, 90.0, 180.0, 270.0), size: int = 96,
-                    elevation_deg: float = 20.0) -> Image.Image:
-    """Every sample rendered from the same angles: one row per sample, one column per angle, on white."""
+def comparison_grid(planes: list[torch.Tensor], model: DMV3D, angles_deg=(0.0, 90.0, 180.0, 270.0),
+                    size: int = 96, elevation_deg: float = 20.0) -> Image.Image:
+    """Samples' planes (each (1, 3, C, H, W)) rendered from the same angles: one row per sample, one column per
+    angle, on white, so samples compare at a glance."""
     from .. import cameras
     from ..render import render_views
 
@@ -215,12 +216,23 @@ def comparison_grid(samples: list[Sample], model: DMV3D, angles_deg=(0.0, 90.0, 
         angles = torch.tensor(angles_deg)
         c2w = cameras.orbit_camera(angles, torch.full_like(angles, elevation_deg), torch.full_like(angles, 2.0))
         intrinsics = cameras.intrinsics_from_fov(model.config.fov_deg).expand(len(angles_deg), 4)
-        planes = torch.cat([s.planes for s in samples]).to(model.plane_tokens.device)
-        n = len(samples)
-        rgb = render_views(model.field(planes), c2w.expand(n, -1, -1, -1), intrinsics.expand(n, -1, -1), size,
+        stacked = torch.cat(list(planes)).to(model.plane_tokens.device, model.plane_tokens.dtype)
+        n = len(planes)
+        rgb = render_views(model.field(stacked), c2w.expand(n, -1, -1, -1), intrinsics.expand(n, -1, -1), size,
                            size, model.config.render_settings())["rgb"]  # (N, A, S, S, 3)
     grid = rgb.clamp(0, 1).permute(0, 2, 1, 3, 4).reshape(n * size, len(angles_deg) * size, 3)
     return Image.fromarray((grid.cpu().numpy() * 255 + 0.5).astype("uint8"))
 
 
-__all__ = ["Sample", "Sample3D", "SampleOptions", "StepPreview", "comparison_grid", "parse_seeds", "run_to_end"]
+def preview_grid(views: torch.Tensor, size: int = 96) -> Image.Image:
+    """x0 views (B, V, 3, H, W) in [0, 1] as one image: one row per sample, one column per view, each view
+    scaled to ``size`` pixels (nearest: the model's own pixels, not smoothed)."""
+    b, v = views.shape[:2]
+    tiles = torch.nn.functional.interpolate(views.float().flatten(0, 1).clamp(0, 1), size=(size, size),
+                                            mode="nearest")  # (B*V, 3, S, S)
+    grid = tiles.reshape(b, v, 3, size, size).permute(0, 3, 1, 4, 2).reshape(b * size, v * size, 3)
+    return Image.fromarray((grid.cpu().numpy() * 255 + 0.5).astype("uint8"))
+
+
+__all__ = ["Sample", "Sample3D", "SampleOptions", "StepPreview", "comparison_grid", "parse_seeds", "preview_grid",
+           "run_to_end"]
