@@ -24,8 +24,8 @@ from recon3d.mesh import MAX_RESOLUTION, MIN_RESOLUTION, EmptyMeshError
 from recon3d.pipelines.image_to_3d import ImageTo3DOptions
 from recon3d.pipelines.sample_3d import MAX_SEEDS, MAX_STEPS, SampleOptions, parse_seeds
 from recon3d.service import (RANDOM_DMV3D_CHOICES, ModelService, ServiceSettings, ShownSample, cpu_cost_note,
-                             default_resolution, free_device_memory, image_job, is_out_of_memory, load_cpu_costs,
-                             sample_job)
+                             default_resolution, file_digest, free_device_memory, image_job, is_out_of_memory,
+                             load_cpu_costs, sample_job)
 from recon3d.sessions import Sessions, iterate_in_thread
 
 log = logging.getLogger("recon3d.app")
@@ -200,31 +200,56 @@ def new_seeds(count: int, taken: set[int]) -> list[int]:
     return seeds
 
 
-def sample_options(service: ModelService, count, seeds_text, steps, remove_background, foreground_ratio,
-                   shown: list[ShownSample]) -> SampleOptions:
-    """The form's values as sampler options for new samples next to ``shown``: the seed list if one is given,
-    else ``count`` new random seeds. Out-of-range values are refused with a message."""
-    taken = {sample.seed for sample in shown}
+def finite_number(value, name: str) -> float:
+    """A form number that must be finite (an emptied box arrives as None)."""
     try:
-        if str(seeds_text or "").strip():
-            seeds = parse_seeds(seeds_text)
-            repeated = [seed for seed in seeds if seed in taken]
-            if repeated:
-                raise ValueError(f"seed {repeated[0]} is already shown")
-        else:
-            count = whole_number(count, "The number of samples")
-            if not 1 <= count <= MAX_SEEDS:
-                raise ValueError(f"the number of samples must be between 1 and {MAX_SEEDS}, got {count}")
-            seeds = new_seeds(count, taken)
+        number = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{name} must be a number.") from None
+    if not math.isfinite(number):
+        raise gr.Error(f"{name} must be a finite number, got {value}.")
+    return number
+
+
+def choose_seeds(count, seeds_text, taken: set[int], adding: bool) -> list[int]:
+    """The seed list if one is given, else ``count`` new random seeds. When adding to the samples shown, listed
+    seeds already shown are skipped, and once all of them are shown, new random seeds are drawn."""
+    if str(seeds_text or "").strip():
+        fresh = [seed for seed in parse_seeds(seeds_text) if seed not in taken]
+        if fresh or not adding:
+            return fresh
+    count = whole_number(count, "The number of samples")
+    if not 1 <= count <= MAX_SEEDS:
+        raise ValueError(f"the number of samples must be between 1 and {MAX_SEEDS}, got {count}")
+    return new_seeds(count, taken)
+
+
+def sample_options(service: ModelService, count, seeds_text, steps, remove_background, foreground_ratio,
+                   shown: list[ShownSample], adding: bool) -> SampleOptions:
+    """The form's values as sampler options for new samples next to ``shown``. Out-of-range values are refused
+    with a message."""
+    ratio = finite_number(foreground_ratio, "Foreground ratio")
+    steps = whole_number(steps, "Steps")
+    try:
+        seeds = choose_seeds(count, seeds_text, {sample.seed for sample in shown}, adding)
         if len(shown) + len(seeds) > MAX_SHOWN:
             raise ValueError(f"at most {MAX_SHOWN} samples are shown at once ({len(shown)} shown): press Generate "
                              f"to start over")
-        options = SampleOptions(seeds=seeds, steps=whole_number(steps, "Steps"),
-                                remove_background=bool(remove_background), foreground_ratio=float(foreground_ratio),
-                                mesh_resolution=default_resolution(service.device))
+        options = SampleOptions(seeds=seeds, steps=steps, remove_background=bool(remove_background),
+                                foreground_ratio=ratio, mesh_resolution=default_resolution(service.device))
         return options.validate()
     except ValueError as exc:
         raise gr.Error(f"{str(exc)[:1].upper()}{str(exc)[1:]}.") from None
+
+
+def samples_to_keep(shown: list[ShownSample], checkpoint: str, image_path: str) -> tuple[list[ShownSample], str]:
+    """The samples "More samples" adds to: those whose files still exist (outputs expire), and a note when some
+    expired. Samples of another checkpoint or image cannot share a comparison: refused with a message."""
+    kept = [sample for sample in shown if Path(sample.glb).is_file()]
+    note = f" ({len(shown) - len(kept)} earlier samples had expired)" if len(kept) < len(shown) else ""
+    if kept and (kept[0].checkpoint != checkpoint or kept[0].image != file_digest(image_path)):
+        raise gr.Error("More samples adds to samples of the same image and checkpoint: press Generate to start over.")
+    return kept, note
 
 
 class SampleSlots:
@@ -248,26 +273,26 @@ class SampleSlots:
     def components(self) -> list:
         return [*self.captions, *self.viewers, *self.files]
 
-    def updates(self, shown: list[ShownSample], random_weights: bool) -> dict:
-        """Every slot shows its sample, or is emptied when it has none."""
+    def show(self, index: int, sample: ShownSample) -> dict:
+        """Slot ``index`` shows ``sample`` (the other slots are left as they are: no viewer reloads)."""
+        text = f"**Seed {sample.seed}**" + (" · random weights" if sample.random_weights else "")
+        text += f"  \n_{sample.note}_" if sample.note else ""
+        return {self.captions[index]: gr.update(value=text, visible=True), self.viewers[index]: str(sample.glb),
+                self.files[index]: gr.update(value=str(sample.glb), visible=True)}
+
+    def clear(self, start: int = 0) -> dict:
+        """Empty the slots from ``start`` on."""
         updates = {}
-        for index, (caption, viewer, file) in enumerate(zip(self.captions, self.viewers, self.files)):
-            if index < len(shown):
-                sample = shown[index]
-                text = f"**Seed {sample.seed}**" + (" · random weights" if random_weights else "")
-                text += f"  \n_{sample.note}_" if sample.note else ""
-                updates |= {caption: gr.update(value=text, visible=True), viewer: str(sample.glb),
-                            file: gr.update(value=str(sample.glb), visible=True)}
-            else:
-                updates |= {caption: gr.update(value="", visible=False), viewer: None,
-                            file: gr.update(value=None, visible=False)}
+        for caption, viewer, file in list(zip(self.captions, self.viewers, self.files))[start:]:
+            updates |= {caption: gr.update(value="", visible=False), viewer: None,
+                        file: gr.update(value=None, visible=False)}
         return updates
 
 
 def make_samples_handler(service: ModelService, sessions: Sessions, slots: SampleSlots, outputs: dict,
-                         keep_shown: bool):
-    """Generate (``keep_shown=False``: start over) or More samples (add to those shown). Streams the x0 preview
-    at every step and each sample as it finishes; the last update adds the comparison image."""
+                         adding: bool):
+    """Generate (``adding=False``: start over) or More samples (add to those shown). Streams the x0 preview at
+    every step and each sample as it finishes; the last update adds the comparison image."""
     status, preview, comparison, all_files, state = (outputs[k] for k in
                                                      ("status", "preview", "comparison", "files", "state"))
 
@@ -276,33 +301,34 @@ def make_samples_handler(service: ModelService, sessions: Sessions, slots: Sampl
         """Several plausible 3D objects from one image, one per seed: each a GLB, with a comparison image."""
         if not image_path:
             raise gr.Error("Upload an image first (PNG, JPEG or WebP).")
-        shown = list(shown or []) if keep_shown else []
-        options = sample_options(service, count, seeds_text, steps, remove_background, foreground_ratio, shown)
+        shown, expired = samples_to_keep(list(shown or []), checkpoint, image_path) if adding else ([], "")
+        options = sample_options(service, count, seeds_text, steps, remove_background, foreground_ratio, shown,
+                                 adding)
         session = visitor_id(request)
         if not is_example(image_path):
             sessions.adopt(session, image_path)
-        random_weights = checkpoint in RANDOM_DMV3D_CHOICES
-        label = RANDOM_SAMPLES_NOTE if random_weights else ""
+        label = RANDOM_SAMPLES_NOTE if checkpoint in RANDOM_DMV3D_CHOICES else ""
         samples, grid, last_preview = list(shown), None, None
+        files = lambda: [str(sample.glb) for sample in samples]  # noqa: E731
+        yield {status: f"Sampling seeds {', '.join(map(str, options.seeds))}{expired}" + label, state: samples,
+               all_files: files() or None, **slots.clear(len(samples))}
         with sessions.job(session) as cancel:
             job = sample_job(service, sessions, session, checkpoint, image_path, options, shown, cancel)
             async for event in visitor_job(job, cancel, "sample_3d"):
                 progress(event.fraction, desc=event.message)
-                update = {status: event.message + label}
+                update = {status: event.message + expired + label}
                 if event.preview is not None:
                     update[preview] = last_preview = str(event.preview)
                 if isinstance(event.result, ShownSample):
                     samples.append(event.result)
-                    update |= slots.updates(samples, random_weights) | {state: samples}
+                    update |= slots.show(len(samples) - 1, event.result) | {state: samples, all_files: files()}
                 elif event.result is not None:
                     grid = event.result
-                if len(update) > 1:
-                    yield update
+                yield update
         seeds = ", ".join(str(sample.seed) for sample in samples)
         yield {status: f"{len(samples)} samples (seeds {seeds}): the same seed and settings give the same "
-                       f"object again." + label,
-               comparison: str(grid), all_files: [str(sample.glb) for sample in samples], state: samples,
-               preview: last_preview, **slots.updates(samples, random_weights)}
+                       f"object again{expired}." + label,
+               comparison: str(grid), all_files: files(), state: samples, preview: last_preview}
 
     return sample_3d
 
@@ -365,10 +391,14 @@ def build_app(service: ModelService, sessions: Sessions) -> gr.Blocks:
                         f"(API calls: after {sessions.ttl_s / 60:g} minutes).")
             build_image_tab(service, sessions)
         with gr.Tab("Stochastic samples"):
+            default_is_random = service.dmv3d_choices()[0][1] in RANDOM_DMV3D_CHOICES
             gr.Markdown("DMV3D (Xu et al., ICLR 2024): a photo does not fix the back of an object, so each seed gives "
                         "another plausible one. Every denoising step is itself a 3D model (the preview shows its "
-                        "views). No public DMV3D weights exist: the default model was **trained on procedural "
-                        "shapes only** (boxes, spheres, cylinders, cones, tori) by recon3d, so expect such shapes.")
+                        "views). No public DMV3D weights exist: "
+                        + ("**no DMV3D checkpoint is installed, so this tab runs random weights** (meaningless "
+                           "shapes)." if default_is_random else
+                           "the default model was **trained on procedural shapes only** (boxes, spheres, cylinders, "
+                           "cones, tori) by recon3d, from 32-pixel images, so expect such shapes."))
             build_samples_tab(service, sessions)
 
         def end_session(request: gr.Request) -> None:

@@ -23,3 +23,4 @@ DEFAULT_LRM = "zxhezexin/openlrm-mix-base-1.1"
 # DMV3D: no public weights exist; recon3d ships a small model trained on procedural shapes only.
 DEMO_DMV3D = Path(__file__).resolve().parents[1] / "assets" / "checkpoints" / "dmv3d-demo"
 DEMO_DMV3D_LABEL = "recon3d DMV3D demo (trained on procedural shapes only)"
+DEMO_DMV3D_ID = "recon3d/dmv3d-demo"  # how the app's dropdown and the GLBs name it (never a server path)

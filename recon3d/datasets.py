@@ -41,19 +41,19 @@ def write_object(folder: str | Path, rgba: torch.Tensor, c2w: torch.Tensor, intr
     return folder
 
 
-def _read_image(path: Path) -> torch.Tensor:
-    """(3, H, W) in [0, 1], composited on white."""
+def _read_image(path: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """rgb (3, H, W) in [0, 1] composited on white, and alpha (1, H, W) (ones for an RGB file)."""
     try:
         rgba = np.asarray(Image.open(path).convert("RGBA"), dtype=np.float32) / 255.0
     except (OSError, ValueError) as exc:
         raise DatasetError(f"{path}: cannot read the image ({exc})") from None
     rgb = rgba[..., :3] * rgba[..., 3:] + (1.0 - rgba[..., 3:])
-    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous()
+    return torch.from_numpy(rgb).permute(2, 0, 1).contiguous(), torch.from_numpy(rgba[..., 3].copy())[None]
 
 
 class MultiViewDataset(torch.utils.data.Dataset):
-    """Objects of a dataset folder: item k is {"images": (V, 3, H, W) on white, "c2w": (V, 4, 4),
-    "intrinsics": (V, 4), "name": str}. The folder is checked when opened, so a bad one fails at once."""
+    """Objects of a dataset folder: item k is {"images": (V, 3, H, W) on white, "alpha": (V, 1, H, W) coverage,
+    "c2w": (V, 4, 4), "intrinsics": (V, 4), "name": str}. The folder is checked when opened, so a bad one fails at once."""
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
@@ -88,7 +88,7 @@ class MultiViewDataset(torch.utils.data.Dataset):
 
     def __getitem__(self, index: int) -> dict:
         folder, views = self.objects[index], self._cameras[index]
-        images = torch.stack([_read_image(folder / view["image"]) for view in views])  # (V, 3, H, W)
-        return {"images": images, "name": folder.name,
+        images, alpha = zip(*(_read_image(folder / view["image"]) for view in views))
+        return {"images": torch.stack(images), "alpha": torch.stack(alpha), "name": folder.name,  # (V, 3|1, H, W)
                 "c2w": torch.tensor([view["c2w"] for view in views], dtype=torch.float32),
                 "intrinsics": torch.tensor([view["intrinsics"] for view in views], dtype=torch.float32)}

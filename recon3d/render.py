@@ -146,7 +146,7 @@ def _render_chunk(field: Field, origins: torch.Tensor, dirs: torch.Tensor, setti
         from torch.utils.checkpoint import checkpoint
 
         return checkpoint(_shade_chunk, field, origins, dirs, depths, far, hit, settings.fine_samples,
-                          use_reentrant=False)
+                          use_reentrant=False, preserve_rng_state=False)  # _shade_chunk draws nothing
     return _shade_chunk(field, origins, dirs, depths, far, hit, settings.fine_samples)
 
 

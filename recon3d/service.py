@@ -5,6 +5,7 @@ Hub is reachable (decided once, at start), and a small cache of loaded pipelines
 from __future__ import annotations
 
 import gc
+import hashlib
 import json
 import threading
 from collections import OrderedDict
@@ -14,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from .checkpoints import DEMO_DMV3D, DEMO_DMV3D_LABEL, OPENLRM_CHECKPOINTS
+from .checkpoints import DEMO_DMV3D, DEMO_DMV3D_ID, DEMO_DMV3D_LABEL, OPENLRM_CHECKPOINTS
 from .hub import CheckpointError, hub_reachable
 from .models.dmv3d import DEMO_CONFIG as DMV3D_DEMO_CONFIG
 from .models.lrm import PUBLISHED_CONFIGS, TINY_CONFIG
@@ -80,7 +81,7 @@ class ModelService:
         model (trained on procedural shapes only), and random weights when the app runs with them."""
         choices = [(f"{self.settings.dmv3d} (configured)", self.settings.dmv3d)] if self.settings.dmv3d else []
         if (DEMO_DMV3D / "config.json").is_file():
-            choices.append((DEMO_DMV3D_LABEL, str(DEMO_DMV3D)))
+            choices.append((DEMO_DMV3D_LABEL, DEMO_DMV3D_ID))
         if self.settings.random_weights or not choices:
             choices += [(name, name) for name in RANDOM_DMV3D_CHOICES]
         return choices
@@ -119,8 +120,9 @@ class ModelService:
             raise CheckpointError(f"{name}: unknown DMV3D checkpoint")
         if name in RANDOM_DMV3D_CHOICES:
             return Sample3D.random(RANDOM_DMV3D_CHOICES[name], device=self.device, dtype=self.dtype)
-        return Sample3D.from_pretrained(name, device=self.device, dtype=self.dtype,
-                                        offline=self.offline or Path(name).is_dir())
+        location = DEMO_DMV3D if name == DEMO_DMV3D_ID else name
+        # offline is the network's state: it also decides whether the background remover may fetch its model
+        return Sample3D.from_pretrained(location, device=self.device, dtype=self.dtype, offline=self.offline, name=name)
 
 
 def default_resolution(device: torch.device) -> int:
@@ -183,31 +185,48 @@ def image_job(service: ModelService, sessions, session: str, checkpoint: str, im
 
 @dataclass
 class ShownSample:
-    """What the page keeps of a finished sample: enough to show it, compare it and download it."""
+    """What the page keeps of a finished sample: enough to show it, compare it, download it, and to tell
+    whether "More samples" would add to it (same checkpoint, same image)."""
 
     seed: int
     planes: torch.Tensor  # (1, 3, C, H, W) on the CPU: for the comparison image
     glb: Path
+    checkpoint: str
+    image: str  # digest of the input file
+    random_weights: bool
     note: str | None = None
+
+
+def file_digest(path: str | Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+PREVIEWS_KEPT = 2  # the page may still be fetching the previous preview; older ones are deleted
 
 
 def sample_job(service: ModelService, sessions, session: str, checkpoint: str, image_path: str,
                options: SampleOptions, shown: list[ShownSample], cancel) -> Iterator[Progress]:
     """One visitor's Stochastic samples job, meant for a worker thread. Progress events whose ``preview`` is the
     path of a PNG of the current x0 views and whose ``result`` is a :class:`ShownSample` per finished seed; the
-    last event's result is the path of a comparison image of ``shown`` and the new samples together."""
+    last event's result is the path of a comparison image of ``shown`` and the new samples together (which must
+    come from the same checkpoint)."""
     yield Progress("load", 0.0, "Loading the checkpoint")
     pipe = service.sample_3d(checkpoint)
-    samples = list(shown)
+    samples, previews, digest = list(shown), [], file_digest(image_path)
     for event in pipe.run(image_path, options, cancel):
         if isinstance(event.preview, StepPreview):
-            path = sessions.output_path(session, "preview", ".png")
-            preview_grid(event.preview.views).save(path)
-            yield Progress(event.stage, event.fraction, event.message, preview=path)
+            previews.append(sessions.output_path(session, "preview", ".png"))
+            preview_grid(event.preview.views).save(previews[-1])
+            for old in previews[:-PREVIEWS_KEPT]:
+                old.unlink(missing_ok=True)
+            del previews[:-PREVIEWS_KEPT]
+            yield Progress(event.stage, event.fraction, event.message, preview=previews[-1])
         elif isinstance(event.result, Sample):
             sample = event.result
             glb = sample.save_glb(sessions.output_path(session, f"seed-{sample.seed}", ".glb"))
-            samples.append(ShownSample(sample.seed, sample.planes, glb, sample.metadata.get("note")))
+            notes = sample.metadata.get("notes")
+            samples.append(ShownSample(sample.seed, sample.planes, glb, checkpoint, digest, pipe.random_weights,
+                                       "; ".join(notes) if notes else None))
             yield Progress(event.stage, event.fraction, event.message, result=samples[-1])
         else:
             yield event

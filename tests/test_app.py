@@ -458,13 +458,6 @@ def glb_extras(path):
     return pygltflib.GLTF2().load(str(path)).asset.extras
 
 
-def shown(update):
-    """What a slot of the page shows: its value when visible (the API sends slots as visibility updates)."""
-    if isinstance(update, dict):
-        return update.get("value") if update.get("visible") else None
-    return update
-
-
 def sample_call(client, *, seeds="", count=3, steps=4, checkpoint=RANDOM_DMV3D, api_name="/sample_3d"):
     from gradio_client import handle_file
 
@@ -475,7 +468,7 @@ def sample_call(client, *, seeds="", count=3, steps=4, checkpoint=RANDOM_DMV3D, 
 def test_samples_tab_streams_three_seeds_into_three_distinct_glbs_and_more_keeps_them(app_url):
     import hashlib
 
-    from gradio_client import Client
+    from gradio_client import Client, handle_file
     from PIL import Image
 
     client = Client(app_url, verbose=False)
@@ -497,10 +490,11 @@ def test_samples_tab_streams_three_seeds_into_three_distinct_glbs_and_more_keeps
     assert len(previews) >= 4  # a new x0 preview at every step, before the samples were done
     assert Image.open(sorted(previews)[0]).size == (4 * 96, 3 * 96)  # three samples x four views
     assert not any(isinstance(update[3], list) for update in streamed[:4])  # the samples came after the previews
-    captions, viewers = [shown(slot) for slot in slots[:8]], [shown(slot) for slot in slots[8:16]]
-    assert [c for c in captions if c] == ["**Seed 1** · random weights", "**Seed 7** · random weights",
-                                          "**Seed 42** · random weights"]
-    assert len([v for v in viewers if v]) == 3 and all(str(v).endswith(".glb") for v in viewers if v)
+    captions, viewers = streamed_slots(job.outputs(), 4), streamed_slots(job.outputs(), 12)
+    assert captions[:3] == ["**Seed 1** · random weights", "**Seed 7** · random weights",
+                            "**Seed 42** · random weights"] and captions[3:] == [None] * 5
+    assert all(str(v).endswith(".glb") for v in viewers[:3]) and viewers[3:] == [None] * 5
+    assert [len(update[3]) for update in streamed if isinstance(update[3], list)][-3:] == [1, 2, 3]  # files grow
 
     again = sample_call(client, seeds="7", count=1).result()[3]  # seed 7 alone: the same object as in the batch
     first_positions, again_positions = glb_summary(files[1])[0], glb_summary(again[0])[0]
@@ -511,7 +505,32 @@ def test_samples_tab_streams_three_seeds_into_three_distinct_glbs_and_more_keeps
     assert len(more_files) == 3 and "3 samples" in status  # the seed-7 call started over, then two were added
     assert Image.open(comparison).size == (4 * 96, 3 * 96)
     assert open(more_files[0], "rb").read() == open(again[0], "rb").read()
-    assert len({glb_extras(path)["seed"] for path in more_files}) == 3
+    seeds = [glb_extras(path)["seed"] for path in more_files]
+    assert seeds[0] == 7 and len(set(seeds)) == 3
+    listed = sample_call(client, seeds="7", count=1, api_name="/more_samples").result()[3]  # 7 shown: a new one
+    assert len(listed) == 4 and glb_extras(listed[3])["seed"] not in seeds
+    with pytest.raises(Exception, match="More samples adds to samples of the same image and checkpoint"):
+        other = client.submit(handle_file(str(ROOT / "examples" / "mug.png")), RANDOM_DMV3D, 1, "", 4, False, 0.8,
+                              api_name="/more_samples")
+        other.result()
+
+
+def shown(update):
+    """What a slot of the page shows: its value when visible (the API sends slots as visibility updates)."""
+    if isinstance(update, dict):
+        return update.get("value") if update.get("visible") else None
+    return update
+
+
+def streamed_slots(outputs, first: int, count: int = 8) -> list:
+    """What each of ``count`` slots (outputs[first:first + count]) shows after all the streamed updates."""
+    values = [None] * count
+    for output in outputs:
+        for index, update in enumerate(output[first:first + count]):
+            if isinstance(update, dict) and "value" not in update:
+                continue  # left as it was
+            values[index] = shown(update)
+    return values
 
 
 def test_samples_tab_refuses_bad_seeds_counts_and_steps_in_one_line(app_url):
@@ -526,6 +545,7 @@ def test_samples_tab_refuses_bad_seeds_counts_and_steps_in_one_line(app_url):
              ({"steps": 0}, "Steps must be between 1 and 200, got 0"),
              ({"steps": 2.5}, "Steps must be a whole number"),
              ({"steps": 1000}, "Steps must be between 1 and 200, got 1000"),
+             ({"steps": None}, "Steps must be a number"),
              ({"checkpoint": "/etc"}, "Value: /etc is not in the list of choices")]  # never a server path
     for arguments, message in cases:
         with pytest.raises(Exception) as refused:
@@ -563,3 +583,26 @@ def test_real_browser_shows_samples_side_by_side_with_a_live_preview(app_url, tm
     assert all(shows_mesh(centre) for centre in centres), "a sample's viewer shows no mesh"
     assert [caption.split()[:2] for caption in captions] == [["Seed", "1"], ["Seed", "2"], ["Seed", "3"]]
     assert hidden == 0  # the fourth slot shows no seed and no file
+
+
+def test_samples_tab_shares_the_gpu_queue_its_cancel_stops_both_buttons_and_typed_paths_are_refused():
+    from recon3d.checkpoints import DEMO_DMV3D_LABEL
+    from recon3d.hub import CheckpointError
+    from recon3d.service import ModelService, ServiceSettings
+    from recon3d.sessions import Sessions
+
+    app = import_app()
+    service = ModelService(ServiceSettings(random_weights=True))
+    demo = app.build_app(service, Sessions(app.OUTPUTS_DIR))
+    dependencies = demo.config["dependencies"]
+    events = {d["api_name"]: d for d in dependencies if d["api_name"] in ("sample_3d", "more_samples")}
+    assert set(events) == {"sample_3d", "more_samples"}
+    fns = [fn for fn in demo.fns.values() if fn.api_name in events]
+    assert {(fn.concurrency_id, fn.concurrency_limit) for fn in fns} == {(app.GPU_QUEUE, 1)}
+    cancel_button = next(c["id"] for c in demo.config["components"] if c["props"].get("elem_id") == "samples-cancel")
+    cancels = [d["cancels"] for d in dependencies if d["targets"] == [(cancel_button, "click")]]
+    assert cancels == [[events["sample_3d"]["id"], events["more_samples"]["id"]]]
+    labels = [label for label, _ in service.dmv3d_choices()]
+    assert labels[0] == DEMO_DMV3D_LABEL and "random DMV3D (random weights, demo shapes)" in labels
+    with pytest.raises(CheckpointError, match="unknown DMV3D checkpoint"):
+        service.sample_3d(str(ROOT / "assets"))  # a folder on the server that is not on the list

@@ -83,6 +83,9 @@ def test_written_dataset_loads_with_its_cameras(tmp_path):
     again = MultiViewDataset(write_dataset(tmp_path / "again", count=2, size=16, seed=5, layout=layout))
     assert torch.equal(again[1]["images"], item["images"])  # object k depends on the seed and k only
     assert (item["images"] < 0.99).any()  # something was drawn on the white background
+    alpha = item["alpha"]
+    assert alpha.shape == (5, 1, 16, 16) and (alpha > 0.5).any() and (alpha < 0.5).any()
+    assert torch.allclose(item["images"][alpha.expand(-1, 3, -1, -1) == 0], torch.tensor(1.0))  # white outside
 
 
 def test_bad_dataset_folders_are_refused_with_the_file_named(tmp_path):

@@ -165,6 +165,8 @@ def test_sampler_streams_previews_keeps_the_condition_clean_and_exports_each_sam
     assert all(torch.allclose(p.views[:, 0], condition) for p in previews)  # view 0 is the clean input
     assert (condition < 0.99).any()  # ... and it shows the duck, not a blank
     assert [e.stage for e in events][-2:] == ["sample", "sample"] and events[-1].fraction == 1.0
+    fractions = [e.fraction for e in events]
+    assert fractions == sorted(fractions)  # the progress bar never goes back
     path = samples[1].save_glb(tmp_path / "seed-2.glb")
     positions, _, _, indices = glb_summary(path)
     assert len(indices) == len(samples[1].mesh.faces) > 0
@@ -172,6 +174,7 @@ def test_sampler_streams_previews_keeps_the_condition_clean_and_exports_each_sam
 
     extras = pygltflib.GLTF2().load(str(path)).asset.extras
     assert extras["method"] == "DMV3D" and extras["seed"] == 2 and extras["steps"] == 4
+    assert (extras["foreground_ratio"], extras["mesh_resolution"], extras["dtype"]) == (0.8, 64, "float32")
     assert extras["checkpoint"] == "tiny test model" and extras["recon3d_version"]
     grid = comparison_grid([s.planes for s in samples], sampler.model, size=24)
     assert grid.size == (4 * 24, 2 * 24)

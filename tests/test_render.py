@@ -172,3 +172,17 @@ def test_recomputed_chunks_give_the_same_gradient_and_keep_far_less_for_backward
     redone, grad_redone = saved_bytes_and_grad(model, planes[:2], RenderSettings(8, 8, 64, recompute=True))
     assert torch.allclose(grad_kept, grad_redone, atol=1e-7, rtol=1e-5) and grad_kept.abs().sum() > 0
     assert redone * 5 < kept  # only each chunk's inputs and outputs, not its per-sample graph
+
+
+def test_readme_core_example_runs_and_its_gradient_reaches_the_grid():
+    import re
+
+    from conftest import ROOT
+
+    readme = (ROOT / "README.md").read_text()
+    code = next(block for block in re.findall(r"```python\n(.*?)```", readme, re.S) if "GridField(" in block)
+    namespace = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert namespace["out"]["rgb"].shape == (1, 4, 64, 64, 3)
+    grad = namespace["density"].grad
+    assert grad is not None and torch.isfinite(grad).all() and grad.abs().sum() > 0

@@ -103,13 +103,15 @@ class Sample3D:
 
     def __init__(self, model: DMV3D, source: str, random_weights: bool = False, offline: bool = False):
         self.model, self.source, self.random_weights = model, source, random_weights
-        self.background_remover = BackgroundRemover(offline=offline)
+        self.background_remover = BackgroundRemover(offline=offline)  # offline: the network, not the checkpoint
 
     @classmethod
     def from_pretrained(cls, repo_or_folder: str | Path, device=None, dtype=None, revision: str | None = None,
-                        offline: bool | None = None) -> "Sample3D":
+                        offline: bool | None = None, name: str | None = None) -> "Sample3D":
+        """``name``: how GLBs record the checkpoint (default: the repo id or folder as given, with @revision)."""
         model = DMV3D.from_pretrained(repo_or_folder, revision=revision, offline=offline, device=device, dtype=dtype)
-        return cls(model, str(repo_or_folder), offline=bool(offline))
+        source = name or str(repo_or_folder) + (f"@{revision}" if revision else "")
+        return cls(model, source, offline=bool(offline))
 
     @classmethod
     def random(cls, config: DMV3DConfig, seed: int = 0, device=None, dtype=None) -> "Sample3D":
@@ -135,12 +137,13 @@ class Sample3D:
         yield Progress("preprocess", 0.0, "Preparing the image")
         remover = self.background_remover if options.remove_background else None
         prepared = prepare_image(image, cfg.image_size, options.foreground_ratio, remover)
+        for note in prepared.notes:
+            yield Progress("preprocess", 0.0, note)
         condition = image_to_tensor(prepared.image)[0].to(self.device, torch.float32) * 2 - 1  # (3, H, W)
         batches = [options.seeds[i:i + options.batch_size] for i in range(0, len(options.seeds), options.batch_size)]
-        total = len(options.seeds)
+        total, done = len(options.seeds), 0
         for batch in batches:
             cancel.check()
-            done = options.seeds.index(batch[0])
             planes, views = None, None
             for step, planes, views in self.denoise(condition, batch, options.steps, cancel):
                 fraction = (done + 0.8 * len(batch) * (step + 1) / options.steps) / total
@@ -149,11 +152,15 @@ class Sample3D:
             for index, seed in enumerate(batch):
                 cancel.check()
                 mesh, note = self._mesh(planes[index:index + 1], options, cancel)
-                metadata = self.metadata(seed, options.steps) | ({"note": note} if note else {})
+                notes = list(prepared.notes) + ([note] if note else [])
+                metadata = self.metadata(seed, options) | ({"notes": notes} if notes else {})
                 sample = Sample(seed, planes[index:index + 1].float().cpu(), ((views[index] + 1) / 2).clamp(0, 1).cpu(),
                                 mesh, metadata)
-                yield Progress("sample", (done + index + 1) / total, f"Seed {seed} done", result=sample)
+                fraction = (done + 0.8 * len(batch) + 0.2 * (index + 1)) / total  # never backwards
+                yield Progress("sample", fraction, f"Seed {seed} done", result=sample)
+            done += len(batch)
 
+    @torch.no_grad()
     def denoise(self, condition: torch.Tensor, seeds: list[int], steps: int,
                 cancel: CancelToken = NEVER) -> Iterator[tuple[int, torch.Tensor, torch.Tensor]]:
         """x0-parameterised DDIM for one batch of seeds, conditioned on a clean view (3, H, W) in [-1, 1].
@@ -194,10 +201,13 @@ class Sample3D:
             note = f"no surface at density {level:g}: meshed at an automatic level"
             return extract_mesh(field, settings, cancel=cancel)[0], note
 
-    def metadata(self, seed: int, steps: int) -> dict:
+    def metadata(self, seed: int, options: SampleOptions) -> dict:
+        """Everything that decides the sample, so the same settings make it again."""
         from .. import __version__
 
-        return {"method": "DMV3D", "checkpoint": self.source, "seed": seed, "steps": steps,
+        return {"method": "DMV3D", "checkpoint": self.source, "seed": seed, "steps": options.steps,
+                "foreground_ratio": options.foreground_ratio, "remove_background": options.remove_background,
+                "mesh_resolution": options.mesh_resolution, "dtype": str(self.dtype).removeprefix("torch."),
                 "recon3d_version": __version__, "random_weights": self.random_weights}
 
 
@@ -214,7 +224,8 @@ def comparison_grid(planes: list[torch.Tensor], model: DMV3D, angles_deg=(0.0, 9
 
     with torch.no_grad():
         angles = torch.tensor(angles_deg)
-        c2w = cameras.orbit_camera(angles, torch.full_like(angles, elevation_deg), torch.full_like(angles, 2.0))
+        c2w = cameras.orbit_camera(angles, torch.full_like(angles, elevation_deg),
+                                   torch.full_like(angles, model.config.camera_distance))
         intrinsics = cameras.intrinsics_from_fov(model.config.fov_deg).expand(len(angles_deg), 4)
         stacked = torch.cat(list(planes)).to(model.plane_tokens.device, model.plane_tokens.dtype)
         n = len(planes)
