@@ -258,3 +258,22 @@ def test_preview_grid_puts_samples_in_rows_and_views_in_columns():
     grid = np.asarray(preview_grid(views, size=8))
     assert grid.shape == (2 * 8, 3 * 8, 3)
     assert (grid[8:, 16:] == [255, 0, 0]).all() and (grid[:8] == 255).all() and (grid[8:, :16] == 255).all()
+
+
+def test_the_shipped_demo_model_beats_the_mean_shape_baseline_on_unseen_objects(tmp_path):
+    """A small version of bench/dmv3d.py's quality run: objects of another seed than the training set's."""
+    import importlib.util
+
+    from recon3d.checkpoints import DEMO_DMV3D
+    from recon3d.synthetic import write_dataset
+
+    sys.path.insert(0, str(ROOT / "bench"))
+    spec = importlib.util.spec_from_file_location("bench_dmv3d", ROOT / "bench" / "dmv3d.py")
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    heldout = write_dataset(tmp_path / "heldout", 6, size=32, seed=999)
+    quality = bench.evaluate(heldout, train_seed=1, baseline_objects=30, checkpoint=DEMO_DMV3D, steps=10, limit=6)
+    model, baseline = quality["summary"]["model"], quality["summary"]["baseline"]
+    assert quality["objects"] == 6 and quality["novel_views_per_object"] == 11
+    assert model["psnr_db"] > baseline["psnr_db"] + 1.0, quality["summary"]
+    assert model["iou"] > baseline["iou"] + 0.05, quality["summary"]
