@@ -214,8 +214,11 @@ def run_sample(args: argparse.Namespace) -> int:
             print("recon3d: random weights: the samples are meaningless (a test of the path only)", file=sys.stderr)
             pipe = Sample3D.random(TINY_CONFIG, device=device, dtype=dtype)
         else:
+            from .checkpoints import DEMO_DMV3D, DEMO_DMV3D_ID
+
+            name = DEMO_DMV3D_ID if Path(args.model).resolve() == DEMO_DMV3D else None  # GLBs name no local path
             pipe = Sample3D.from_pretrained(args.model, device=device, dtype=dtype, revision=args.revision,
-                                            offline=args.offline or None)
+                                            offline=args.offline or None, name=name)
     except (CheckpointError, ValueError, RuntimeError) as exc:
         print(f"recon3d: error: {exc}", file=sys.stderr)
         return 2
