@@ -195,3 +195,26 @@ def save_checkpoint(folder: str | Path, config: dict, state_dict: dict[str, torc
     (folder / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     save_file({k: v.detach().contiguous().cpu() for k, v in state_dict.items()}, str(folder / "model.safetensors"))
     return folder
+
+
+class PretrainedModel:
+    """``from_pretrained`` / ``save_pretrained`` for an nn.Module built from one config dataclass: the subclass
+    names its ``config_class`` (with ``from_dict(config, source)`` that checks it, and ``to_dict()``) and keeps
+    the config as ``self.config``. One loading path for every model: strict, built on the meta device, CPU
+    float32 unless the caller picks a device and dtype."""
+
+    config_class: type
+
+    @classmethod
+    def from_pretrained(cls, repo_or_folder: str | Path, revision: str | None = None, offline: bool | None = None,
+                        device: torch.device | str | None = None, dtype: torch.dtype | None = None):
+        """Strictly load a checkpoint (Hub repo id or folder): its config, then every tensor or a report."""
+        files = resolve_checkpoint(repo_or_folder, revision, offline)
+        config = cls.config_class.from_dict(files.config, files.source)
+        with torch.device("meta"):
+            model = cls(config)
+        load_strict(model, read_state_dict(files.weights), files.source)
+        return model.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
+
+    def save_pretrained(self, folder: str | Path) -> Path:
+        return save_checkpoint(folder, self.config.to_dict(), self.state_dict())

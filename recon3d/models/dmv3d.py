@@ -17,14 +17,13 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from torch import nn
 
 from .. import cameras
 from ..field import TriplaneField, sample_triplane
-from ..hub import CheckpointError, load_strict, read_state_dict, resolve_checkpoint, save_checkpoint
+from ..hub import CheckpointError, PretrainedModel
 from ..render import RenderSettings, render_views
 from .dinov2 import Block
 from .lrm import PlaneDecoder, TriplaneTransformer, upsample_planes
@@ -131,8 +130,11 @@ def align_to_first_view(c2w: torch.Tensor, distance: float = 2.0) -> torch.Tenso
     return transform @ c2w
 
 
-class DMV3D(nn.Module):
-    """The denoiser. :meth:`forward` gives planes; :meth:`render` turns planes into x0 views."""
+class DMV3D(PretrainedModel, nn.Module):
+    """The denoiser. :meth:`forward` gives planes; :meth:`render` turns planes into x0 views. Checkpoints:
+    :meth:`from_pretrained` / :meth:`save_pretrained` (config.json + model.safetensors, strict)."""
+
+    config_class = DMV3DConfig
 
     def __init__(self, cfg: DMV3DConfig):
         super().__init__()
@@ -203,21 +205,6 @@ class DMV3D(nn.Module):
         out = render_views(self.field(planes), c2w, intrinsics, size, size, settings or self.config.render_settings(),
                            generators)
         return out["rgb"].permute(0, 1, 4, 2, 3) * 2.0 - 1.0
-
-    # ---- checkpoints -------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, repo_or_folder: str | Path, revision: str | None = None, offline: bool | None = None,
-                        device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "DMV3D":
-        """Strictly load a recon3d DMV3D checkpoint (Hub repo id or folder): config.json + model.safetensors."""
-        files = resolve_checkpoint(repo_or_folder, revision, offline)
-        cfg = DMV3DConfig.from_dict(files.config, files.source)
-        with torch.device("meta"):
-            model = cls(cfg)
-        load_strict(model, read_state_dict(files.weights), files.source)
-        return model.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
-
-    def save_pretrained(self, folder: str | Path) -> Path:
-        return save_checkpoint(folder, self.config.to_dict(), self.state_dict())
 
 
 def new_dmv3d(cfg: DMV3DConfig, seed: int = 0) -> DMV3D:

@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import dataclasses
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from ..field import TriplaneField, sample_triplane
-from ..hub import CheckpointError, load_strict, read_state_dict, resolve_checkpoint, save_checkpoint
+from ..hub import CheckpointError, PretrainedModel
 from .dinov2 import VIT_SPECS, DinoV2
 
 DENSITY_LEVEL = 3.0  # OpenLRM meshes its density at this level; a property of the model, not of the mesher
@@ -185,8 +184,10 @@ class Synthesizer(nn.Module):
         self.decoder = PlaneDecoder(3 * triplane_dim)
 
 
-class LRM(nn.Module):
-    """The whole image-to-triplane model. Load with :meth:`from_pretrained` (strict)."""
+class LRM(PretrainedModel, nn.Module):
+    """The whole image-to-triplane model. Load an OpenLRM v1.1 checkpoint with :meth:`from_pretrained` (strict)."""
+
+    config_class = LRMConfig
 
     def __init__(self, cfg: LRMConfig):
         super().__init__()
@@ -224,21 +225,6 @@ class LRM(nn.Module):
     def field(self, planes: torch.Tensor) -> TriplaneField:
         """Planes (N, 3, C, H, W) as a field for rendering and meshing, surface at OpenLRM's density level."""
         return TriplaneField(planes, self.query_points, iso_level=DENSITY_LEVEL)
-
-    # ---- checkpoints -------------------------------------------------------------------------------------
-    @classmethod
-    def from_pretrained(cls, repo_or_folder: str | Path, revision: str | None = None, offline: bool | None = None,
-                        device: torch.device | str | None = None, dtype: torch.dtype | None = None) -> "LRM":
-        """Strictly load an OpenLRM v1.1 checkpoint (Hub repo id or folder). CPU float32 unless asked."""
-        files = resolve_checkpoint(repo_or_folder, revision, offline)
-        cfg = LRMConfig.from_dict(files.config, files.source)
-        with torch.device("meta"):
-            model = cls(cfg)
-        load_strict(model, read_state_dict(files.weights), files.source)
-        return model.to(device=device or "cpu", dtype=dtype or torch.float32).eval()
-
-    def save_pretrained(self, folder: str | Path) -> Path:
-        return save_checkpoint(folder, self.config.to_dict(), self.state_dict())
 
 
 def random_lrm(cfg: LRMConfig, seed: int = 0) -> LRM:
