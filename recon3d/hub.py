@@ -84,26 +84,59 @@ def _from_hub(repo_id: str, revision: str | None, offline: bool | None) -> Check
 
     local_only = constants.HF_HUB_OFFLINE if offline is None else offline
     config_path = _download(repo_id, "config.json", revision, local_only)
-    weights = None
-    for name in WEIGHT_FILES:
+    weights, _ = _first_available(repo_id, WEIGHT_FILES, revision, local_only)
+    return CheckpointFiles(repo_id, _read_config(config_path, repo_id), weights, revision)
+
+
+def _first_available(repo_id: str, names: tuple[str, ...], revision: str | None, local_only: bool) -> tuple[Path, str]:
+    """The first of ``names`` (alternative files, e.g. two weight formats) that the repo or the cache has, and
+    which one it is."""
+    for name in names:
         try:
-            weights = _download(repo_id, name, revision, local_only)
-            break
+            return _download(repo_id, name, revision, local_only, alternatives=True), name
         except _MissingFile:
             continue
-    if weights is None:
-        if local_only:
-            raise CheckpointError(f"{repo_id}: its weights are not in the local cache (only config.json is) and "
-                                  f"offline mode is on: {DOWNLOAD_HINT.format(repo_id=repo_id)}")
-        raise CheckpointError(f"{repo_id}: the repo has none of {', '.join(WEIGHT_FILES)}")
-    return CheckpointFiles(repo_id, _read_config(config_path, repo_id), weights, revision)
+    if local_only:
+        raise CheckpointError(f"{repo_id}: its weights are not in the local cache (no {' or '.join(names)}) and "
+                              f"offline mode is on: {DOWNLOAD_HINT.format(repo_id=repo_id)}")
+    raise CheckpointError(f"{repo_id}: the repo has none of {', '.join(names)}")
+
+
+def resolve_repo_files(repo_or_folder: str | Path, wanted: list[tuple[str, ...]], revision: str | None = None,
+                       offline: bool | None = None, expected: str = "a checkpoint") -> Path:
+    """A multi-file checkpoint (files in subfolders, e.g. diffusers' ``unet/``, ``vae/``): the local folder, or
+    the Hub snapshot folder after downloading what is missing, holding for each entry of ``wanted`` one of its
+    alternative paths (relative, ``/``-separated). Errors as :func:`resolve_checkpoint`'s."""
+    folder = Path(repo_or_folder).expanduser()
+    if folder.is_dir():
+        for names in wanted:
+            if not any((folder / name).is_file() for name in names):
+                raise CheckpointError(f"{repo_or_folder}: {' or '.join(names)} is missing; is it {expected}?")
+        return folder
+    if folder.exists() or not REPO_ID.fullmatch(str(repo_or_folder)):
+        raise CheckpointError(f"{repo_or_folder!r} is neither a checkpoint folder nor a Hub repo id (owner/name)")
+    from huggingface_hub import constants
+
+    repo_id = str(repo_or_folder)
+    local_only = constants.HF_HUB_OFFLINE if offline is None else offline
+    root = None
+    for names in wanted:
+        if len(names) == 1:
+            path, name = _download(repo_id, names[0], revision, local_only, expected=expected), names[0]
+        else:
+            path, name = _first_available(repo_id, names, revision, local_only)
+        root = path.parents[len(name.split("/")) - 1]  # every file of one revision lies in one snapshot folder
+    return root
 
 
 class _MissingFile(Exception):
     pass
 
 
-def _download(repo_id: str, filename: str, revision: str | None, local_only: bool) -> Path:
+def _download(repo_id: str, filename: str, revision: str | None, local_only: bool, alternatives: bool = False,
+              expected: str = "an OpenLRM v1.1 checkpoint") -> Path:
+    """One file of a repo through the Hub cache. ``alternatives``: the file is one of several acceptable ones, so
+    its absence raises :class:`_MissingFile` for the caller to try the next."""
     from huggingface_hub import hf_hub_download
     from huggingface_hub.errors import (EntryNotFoundError, GatedRepoError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -112,14 +145,14 @@ def _download(repo_id: str, filename: str, revision: str | None, local_only: boo
     try:
         return Path(hf_hub_download(repo_id, filename, revision=revision, local_files_only=local_only))
     except LocalEntryNotFoundError:  # (a subclass of EntryNotFoundError: handle it first)
-        if local_only and filename in WEIGHT_FILES:
+        if local_only and alternatives:
             raise _MissingFile(filename) from None  # the other weight format may be cached
         how = "offline mode is on" if local_only else "the Hub is unreachable"
         raise CheckpointError(f"{at} is not in the local cache and {how}: {DOWNLOAD_HINT.format(repo_id=repo_id)}") from None
     except EntryNotFoundError:
-        if filename in WEIGHT_FILES:
+        if alternatives:
             raise _MissingFile(filename) from None
-        raise CheckpointError(f"{at}: the repo has no {filename}; is it an OpenLRM v1.1 checkpoint?") from None
+        raise CheckpointError(f"{at}: the repo has no {filename}; is it {expected}?") from None
     except GatedRepoError:
         raise CheckpointError(f"{at}: the repo is gated; accept its terms on the Hub and log in (hf auth login)") from None
     except RevisionNotFoundError:

@@ -19,6 +19,7 @@ from torch import nn
 from ..field import TriplaneField, sample_triplane
 from ..hub import CheckpointError, PretrainedModel
 from .dinov2 import VIT_SPECS, DinoV2
+from .random_init import randomize_
 
 DENSITY_LEVEL = 3.0  # OpenLRM meshes its density at this level; a property of the model, not of the mesher
 # (transformer_dim, transformer_layers, triplane_dim) of the published sizes -> (source size, render size)
@@ -233,20 +234,7 @@ def random_lrm(cfg: LRMConfig, seed: int = 0) -> LRM:
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = LRM(cfg)
-    model = model.to_empty(device="cpu")
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.zero_()
-            elif name.endswith("gamma"):  # LayerScale
-                param.fill_(0.1)
-            elif param.dim() == 1:  # LayerNorm weights
-                param.fill_(1.0)
-            elif param.dim() == 3:  # tokens and position embeddings
-                param.copy_(torch.randn(param.shape, generator=generator))
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) / param[0].numel() ** 0.5)
-    return model.eval()
+    return randomize_(model, generator).eval()
 
 
 # The config.json of each published size (tests check them against the tensor manifests).
