@@ -158,13 +158,15 @@ def sample_orbit_cameras(groups: int, views: int, generator: torch.Generator,
                          fov_range_deg: tuple[float, float] = (40.0, 70.0),
                          distance_range: tuple[float, float] = (2.0, 2.5),
                          azimuth_step_deg: float = 90.0,
-                         device: torch.device | str | None = None) -> SampledCameras:
+                         device: torch.device | str | None = None,
+                         distance_per_fov: bool = False) -> SampledCameras:
     """``groups`` random groups of ``views`` cameras looking at the origin, for score distillation (MVDream).
 
     Within a group the views are ``azimuth_step_deg`` apart from a uniformly random start azimuth and share one
     elevation, field of view and distance, each uniform in its range. Every draw comes from ``generator`` (on its
     own device), so a seed gives the same cameras anywhere; the result is moved to ``device`` (default: the
-    generator's).
+    generator's). ``distance_per_fov``: the drawn distance is divided by tan(fov / 2) (MVDream's recipe), so an
+    object of radius 1 fills about the same share of the image whatever the field of view.
     """
     device = generator.device if device is None else device
     u = torch.rand((groups, 4), generator=generator, device=generator.device).to(device)  # (N, 4)
@@ -177,6 +179,8 @@ def sample_orbit_cameras(groups: int, views: int, generator: torch.Generator,
     azimuth = (u[:, :1] * 360.0 + steps) % 360.0  # (N, V)
     elevation, fov = uniform(1, elevation_range_deg), uniform(2, fov_range_deg)
     distance = uniform(3, distance_range)
+    if distance_per_fov:
+        distance = distance / torch.tan(torch.deg2rad(fov) / 2)
     return SampledCameras(orbit_camera(azimuth, elevation, distance), intrinsics_from_fov(fov),
                           azimuth, elevation, fov, distance)
 

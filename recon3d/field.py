@@ -169,3 +169,49 @@ class GridField(Field):
     def select(self, index: int) -> "GridField":
         _check_index(index, self.num_objects)
         return GridField(self.density[index:index + 1], self.rgb[index:index + 1], self.iso_level)
+
+
+class NeuralTriplaneField(torch.nn.Module, Field):
+    """One object to optimise (score distillation): learnable planes (1, 3, C, R, R) read with
+    :func:`sample_triplane`, a small MLP to raw density and colour, a density "blob" bias near the centre and a
+    softplus density, sigmoid colour. Pure PyTorch (``grid_sample``), differentiable, float32.
+
+    Why a triplane: it holds 3 C R^2 numbers instead of a dense grid's C R^3, so at the same memory it resolves
+    far finer detail, its bilinear reads are one ``grid_sample`` call, and the shared MLP smooths what SDS's noisy
+    gradients write into neighbouring texels (measured against a dense grid: bench/sds_field.py).
+
+    The blob, ``blob_density * exp(-|x|^2 / (2 blob_radius^2))`` added to the raw density, starts every run from
+    a soft ball at the centre, so early renders have something to shade (MVDream's recipe). The surface is
+    exported at density 5, where a 0.2-unit slab is 63 % opaque: what the renders showed as solid.
+    """
+
+    def __init__(self, generator: torch.Generator, resolution: int = 128, channels: int = 16, hidden: int = 64,
+                 blob_density: float = 10.0, blob_radius: float = 0.5, iso_level: float | None = 5.0):
+        torch.nn.Module.__init__(self)
+        self.planes = torch.nn.Parameter(0.1 * torch.randn((1, 3, channels, resolution, resolution), generator=generator))
+        self.hidden = torch.nn.Parameter(torch.randn((3 * channels, hidden), generator=generator) / (3 * channels) ** 0.5)
+        self.hidden_bias = torch.nn.Parameter(torch.zeros(hidden))
+        self.out = torch.nn.Parameter(torch.randn((hidden, 4), generator=generator) / hidden ** 0.5)
+        self.out_bias = torch.nn.Parameter(torch.zeros(4))
+        self.blob_density, self.blob_radius, self.iso_level = blob_density, blob_radius, iso_level
+
+    def grid_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.planes]
+
+    def decoder_parameters(self) -> list[torch.nn.Parameter]:
+        return [self.hidden, self.hidden_bias, self.out, self.out_bias]
+
+    @property
+    def sample_spacing(self) -> float:
+        return 2.0 / self.planes.shape[-1]
+
+    @property
+    def device(self) -> torch.device:
+        return self.planes.device
+
+    def query(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        points = points.to(self.device, torch.float32)
+        features = sample_triplane(self.planes, points)  # (1, P, 3C)
+        raw = F.silu(features @ self.hidden + self.hidden_bias) @ self.out + self.out_bias  # (1, P, 4)
+        blob = self.blob_density * torch.exp(-points.square().sum(-1, keepdim=True) / (2 * self.blob_radius ** 2))
+        return F.softplus(raw[..., :1] + blob), torch.sigmoid(raw[..., 1:])

@@ -19,6 +19,7 @@ class Progress:
     message: str  # for people
     result: Any = None  # set on the final event only (sampling: on each finished sample)
     preview: Any = None  # an intermediate state to show (sampling: the current x0 views)
+    metrics: dict | None = None  # numbers for plots and bars (SDS: step, loss, t range, elapsed, ETA)
 
 
 def synchronize(device: torch.device) -> None:
