@@ -10,6 +10,8 @@ import logging
 import math
 import os
 import secrets
+import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -23,9 +25,12 @@ from recon3d.images import FOREGROUND_RATIO_RANGE, ImageError
 from recon3d.mesh import MAX_RESOLUTION, MIN_RESOLUTION, EmptyMeshError
 from recon3d.pipelines.image_to_3d import ImageTo3DOptions
 from recon3d.pipelines.sample_3d import MAX_SEEDS, MAX_STEPS, SampleOptions, parse_seeds
+from recon3d.pipelines.sds import MAX_STEPS as MAX_SDS_STEPS
+from recon3d.pipelines.sds import MIN_STEPS as MIN_SDS_STEPS
+from recon3d.pipelines.sds import PRESETS, SDSControl
 from recon3d.service import (RANDOM_DMV3D_CHOICES, ModelService, ServiceSettings, ShownSample, cpu_cost_note,
                              default_resolution, file_digest, free_device_memory, image_job, is_out_of_memory,
-                             load_cpu_costs, sample_job)
+                             load_cpu_costs, quick_look_job, sample_job, text_job, text_options)
 from recon3d.sessions import Sessions, iterate_in_thread
 
 log = logging.getLogger("recon3d.app")
@@ -377,6 +382,206 @@ def build_samples_tab(service: ModelService, sessions: Sessions) -> None:
     cancel.click(fn=None, cancels=events, api_name=False)
 
 
+TEXT_EXAMPLES = ["a wooden rocking chair", "a ceramic teapot with a bamboo handle", "a red fire hydrant",
+                 "a cute corgi wearing a knitted hat"]
+MAX_PROMPT_CHARS = 1000  # longer than any prompt the tokenizer takes; beyond 77 tokens the prompt is cut (said)
+MAX_SEED = 2 ** 31 - 1
+UI_INTERVAL_S = 0.5  # the page gets a status update at most this often (previews and meshes at once)
+RANDOM_TEXT_NOTE = "\n\n**Random weights: this object is meaningless.**"
+
+
+class TextControls:
+    """The Stop / Export-now switches of each visitor's running Text to 3D job."""
+
+    def __init__(self):
+        self._controls: dict[str, SDSControl] = {}
+        self._lock = threading.Lock()
+
+    def start(self, session: str) -> SDSControl:
+        with self._lock:
+            self._controls[session] = SDSControl()
+            return self._controls[session]
+
+    def get(self, session: str) -> SDSControl | None:
+        with self._lock:
+            return self._controls.get(session)
+
+    def finish(self, session: str, control: SDSControl) -> None:
+        with self._lock:
+            if self._controls.get(session) is control:
+                del self._controls[session]
+
+
+def text_inputs(prompt, preset, steps, seed, guidance_scale) -> tuple[str, str, int | None, int, float]:
+    """The form's values checked: (prompt, preset, custom steps or None, seed, guidance)."""
+    prompt = " ".join(str(prompt or "").split())
+    if not prompt:
+        raise gr.Error("Type a prompt: a short description of one object, e.g. 'a wooden rocking chair'.")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise gr.Error(f"The prompt is {len(prompt)} characters long; keep it under {MAX_PROMPT_CHARS}.")
+    custom_steps = None
+    if preset == "custom":
+        custom_steps = whole_number(steps, "Steps")
+        if not MIN_SDS_STEPS <= custom_steps <= MAX_SDS_STEPS:
+            raise gr.Error(f"Steps must be between {MIN_SDS_STEPS} and {MAX_SDS_STEPS}, got {custom_steps}.")
+    elif preset not in PRESETS:
+        raise gr.Error(f"Choose a preset: {', '.join(PRESETS)} or custom.")
+    seed = whole_number(seed, "Seed")
+    if not 0 <= seed <= MAX_SEED:
+        raise gr.Error(f"The seed must be between 0 and {MAX_SEED}.")
+    guidance = finite_number(guidance_scale, "Guidance scale")
+    return prompt, preset if preset != "custom" else "fast", custom_steps, seed, guidance
+
+
+def loss_table(losses: list[tuple[int, float]], points: int = 400):
+    """The loss curve for gr.LinePlot, thinned to at most ``points`` rows; log10, as SDS losses fall by orders of
+    magnitude while t anneals."""
+    import pandas as pd
+
+    stride = max(1, len(losses) // points)
+    rows = losses[::stride]
+    if losses and rows[-1] != losses[-1]:
+        rows.append(losses[-1])  # always end at the latest step
+    return pd.DataFrame([(step, math.log10(max(loss, 1e-12))) for step, loss in rows], columns=["step", "log10 loss"])
+
+
+def text_status(event, note: str) -> str:
+    metrics = event.metrics or {}
+    if "t_range" not in metrics:
+        return event.message + note
+    low, high = metrics["t_range"]
+    return (f"Step {metrics['step']:,}/{metrics['steps']:,} · loss {metrics['loss']:.4g} · t in [{low:.2f}, {high:.2f}] "
+            f"· {metrics['resolution']} px · elapsed {metrics['elapsed']:.0f} s · ETA {metrics['eta']:.0f} s" + note)
+
+
+def make_text_handler(service: ModelService, sessions: Sessions, controls: TextControls, outputs: dict):
+    status, preview, plot, viewer, download = (outputs[k] for k in ("status", "preview", "plot", "viewer", "download"))
+
+    async def text_to_3d(prompt, negative_prompt, preset, steps, seed, guidance_scale, checkpoint,
+                         request: gr.Request = None, progress=gr.Progress()):
+        """Optimise a 3D object from text by score distillation with MVDream. Streams the status, a preview of
+        four views, the loss curve and each GLB (exports on request, then the final one)."""
+        prompt, preset, custom_steps, seed, guidance = text_inputs(prompt, preset, steps, seed, guidance_scale)
+        try:
+            options = text_options(service.device, preset, custom_steps, guidance)
+        except ValueError as exc:
+            raise gr.Error(f"{str(exc)[:1].upper()}{str(exc)[1:]}.") from None
+        session = visitor_id(request)
+        note = RANDOM_TEXT_NOTE if service.settings.random_weights else ""
+        losses, last_sent, warning = [], 0.0, ""
+        control = controls.start(session)
+        try:
+            with sessions.job(session) as cancel:
+                job = text_job(service, sessions, session, checkpoint, prompt, str(negative_prompt or ""), preset,
+                               options, seed, control, cancel)
+                async for event in visitor_job(job, cancel, "text_to_3d"):
+                    metrics = event.metrics or {}
+                    if "loss" in metrics:
+                        losses.append((metrics["step"], metrics["loss"]))
+                    if event.stage == "prompt":
+                        warning = f"\n\n_{event.message[:1].upper()}{event.message[1:]}._"
+                    progress(event.fraction, desc=event.message)
+                    now = time.monotonic()
+                    if event.preview is None and event.result is None and now - last_sent < UI_INTERVAL_S:
+                        continue
+                    last_sent, update = now, {status: text_status(event, warning + note), plot: loss_table(losses)}
+                    if event.preview is not None:
+                        update[preview] = str(event.preview)
+                    if event.result is not None:
+                        update |= {viewer: str(event.result), download: str(event.result)}
+                    if event.stage == "done":
+                        stopped = metrics.get("stopped", "done")
+                        ending = {"done": "Done", "stop": "Stopped"}.get(stopped, f"Stopped: {stopped}")
+                        update[status] = (f"{ending} at step {metrics.get('step', 0):,}/{metrics.get('steps', 0):,} "
+                                          f"after {metrics.get('elapsed', 0):.0f} s; the GLB below is that state."
+                                          + warning + note)
+                    yield update
+        finally:
+            controls.finish(session, control)
+        # Gradio 6.31: a gr.Model3D whose file arrives in a generator's last update never gets its canvas, so the
+        # mesh is never the last thing sent
+        yield {status: update[status]}
+
+    return text_to_3d
+
+
+def make_text_switch(controls: TextControls, switch: str):
+    def press(request: gr.Request = None) -> str:
+        control = controls.get(visitor_id(request))
+        if control is None:
+            return "No text-to-3D job is running."
+        getattr(control, switch).set()
+        return ("Stopping after this step; the state reached will be exported." if switch == "stop"
+                else "Exporting the current state after this step.")
+
+    return press
+
+
+def make_quick_look_handler(service: ModelService, sessions: Sessions):
+    async def quick_look(prompt, negative_prompt, seed, checkpoint, request: gr.Request = None,
+                         progress=gr.Progress()):
+        """Four views of what MVDream imagines for the prompt (plain multi-view DDIM sampling, no 3D)."""
+        prompt, _, _, seed, _ = text_inputs(prompt, "fast", None, seed, 0.0)
+        session, image = visitor_id(request), None
+        with sessions.job(session) as cancel:
+            job = quick_look_job(service, sessions, session, checkpoint, prompt, str(negative_prompt or ""), seed, cancel)
+            async for event in visitor_job(job, cancel, "quick_look"):
+                progress(event.fraction, desc=event.message)
+                image = event.result or image
+        return str(image)
+
+    return quick_look
+
+
+def build_text_tab(service: ModelService, sessions: Sessions, controls: TextControls) -> None:
+    choices = service.mvdream_choices()
+    default_guidance = PRESETS["fast"].guidance_scale
+    with gr.Row():
+        with gr.Column(scale=1):
+            prompt = gr.Textbox(label="Prompt", placeholder="one object, e.g. a wooden rocking chair", lines=2,
+                                elem_id="text-prompt")
+            negative_prompt = gr.Textbox(label="Negative prompt (optional)", elem_id="text-negative")
+            checkpoint = gr.Dropdown(choices, value=choices[0][1], label="MVDream checkpoint")
+            preset = gr.Radio(["fast", "quality", "custom"], value="fast", label="Schedule",
+                              info=f"fast: {PRESETS['fast'].steps:,} steps (the published schedule compressed); "
+                                   f"quality: {PRESETS['quality'].steps:,} steps as published; custom: the steps below.",
+                              elem_id="text-preset")
+            steps = gr.Number(PRESETS["fast"].steps, step=100, label=f"Steps for custom ({MIN_SDS_STEPS}..{MAX_SDS_STEPS})",
+                              elem_id="text-steps")
+            with gr.Row():
+                seed = gr.Number(0, step=1, label=f"Seed (0..{MAX_SEED})", elem_id="text-seed")
+                guidance = gr.Number(default_guidance, step=1, label="Guidance scale (0..200)", elem_id="text-guidance")
+            with gr.Row():
+                look = gr.Button("Quick look (4 views)", elem_id="text-quick-look")
+                generate = gr.Button("Generate 3D", variant="primary", elem_id="text-generate")
+            with gr.Row():
+                export = gr.Button("Export now", elem_id="text-export")
+                stop = gr.Button("Stop & keep", variant="stop", elem_id="text-stop")
+            gr.Examples([[example] for example in TEXT_EXAMPLES], inputs=[prompt], label="Example prompts",
+                        cache_examples=False)
+        with gr.Column(scale=2):
+            status = gr.Markdown(elem_id="text-status")
+            quick = gr.Image(label="Quick look: what the prior imagines (no 3D yet)", interactive=False,
+                             type="filepath", height=180, elem_id="text-quick")
+            preview = gr.Image(label="Optimisation: four views of the current 3D object", interactive=False,
+                               type="filepath", height=180, elem_id="text-preview")
+            plot = gr.LinePlot(x="step", y="log10 loss", label="Loss (log10)", height=180, elem_id="text-loss")
+            viewer = gr.Model3D(label="3D model", clear_color=(0.85, 0.85, 0.85, 1.0), height=360, elem_id="text-viewer")
+            download = gr.File(label="Download GLB", elem_id="text-download")
+    outputs = {"status": status, "preview": preview, "plot": plot, "viewer": viewer, "download": download}
+    generate.click(make_text_handler(service, sessions, controls, outputs),
+                   inputs=[prompt, negative_prompt, preset, steps, seed, guidance, checkpoint],
+                   outputs=list(outputs.values()), show_progress_on=[preview], api_name="text_to_3d",
+                   concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    look.click(make_quick_look_handler(service, sessions), inputs=[prompt, negative_prompt, seed, checkpoint],
+               outputs=[quick], api_name="quick_look", concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    # The switches answer at once, beside the running job (their own concurrency group, no limit)
+    stop.click(make_text_switch(controls, "stop"), outputs=[status], api_name="stop_text_to_3d",
+               concurrency_id="switches", concurrency_limit=None)
+    export.click(make_text_switch(controls, "export"), outputs=[status], api_name="export_text_to_3d",
+                 concurrency_id="switches", concurrency_limit=None)
+
+
 def build_app(service: ModelService, sessions: Sessions) -> gr.Blocks:
     with gr.Blocks(title="recon3d", delete_cache=(1800, 3600)) as demo:
         gr.Markdown("# recon3d\nA photo in, a 3D model out: spin it, then download the GLB.")
@@ -400,6 +605,14 @@ def build_app(service: ModelService, sessions: Sessions) -> gr.Blocks:
                            "the default model was **trained on procedural shapes only** (boxes, spheres, cylinders, "
                            "cones, tori) by recon3d, from 32-pixel images, so expect such shapes."))
             build_samples_tab(service, sessions)
+        with gr.Tab("Text to 3D"):
+            gr.Markdown("MVDream (Shi et al., ICLR 2024) score distillation: a 3D field is optimised until four views "
+                        "of it, 90 degrees apart, look like what the multi-view diffusion prior expects for your "
+                        "prompt. The preview refreshes every few seconds; **Export now** writes a GLB of the "
+                        "current state, **Stop & keep** ends the run and exports it. The job keeps running while "
+                        "this tab is in the background and is cancelled when you close it. Weights: "
+                        "CreativeML OpenRAIL-M.")
+            build_text_tab(service, sessions, TextControls())
 
         def end_session(request: gr.Request) -> None:
             """The visitor left: cancel their running job and delete their files."""
@@ -419,6 +632,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--dtype", default=None, choices=["float32", "float16", "bfloat16"])
     parser.add_argument("--dmv3d", default=None, metavar="REPO_OR_FOLDER",
                         help="a DMV3D checkpoint for the Stochastic samples tab (default: the shipped demo model)")
+    parser.add_argument("--mvdream", default=None, metavar="REPO_OR_FOLDER",
+                        help="an MVDream checkpoint for the Text to 3D tab (diffusers layout or the original .pt)")
     parser.add_argument("--max-queue", type=int, default=16, help="requests waiting at most")
     parser.add_argument("--output-ttl", type=float, default=OUTPUT_TTL_S, metavar="SECONDS",
                         help="remove a visitor's files this long after their last job (default: 3600)")
@@ -429,7 +644,7 @@ def main(argv=None) -> None:
     args = parse_args(argv)
     device, dtype = choose_device(args.device, args.dtype)
     service = ModelService(ServiceSettings(random_weights=args.random_weights, device=device, dtype=dtype,
-                                           dmv3d=args.dmv3d))
+                                           dmv3d=args.dmv3d, mvdream=args.mvdream))
     service.warm_up()
     sessions = Sessions(OUTPUTS_DIR, ttl_s=args.output_ttl)
     sessions.clear()  # files of an earlier run that no session knows any more

@@ -22,7 +22,7 @@ from .models.lrm import DENSITY_LEVEL
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m recon3d", description="Images to 3D models (GLB): LRM reconstructions and DMV3D samples.")
+    parser = argparse.ArgumentParser(prog="python -m recon3d", description="Images or text to 3D models (GLB): LRM reconstructions, DMV3D samples, MVDream score distillation.")
     commands = parser.add_subparsers(dest="command", required=True)
     image = commands.add_parser("image", help="image(s) -> GLB mesh(es) with LRM")
     image.add_argument("images", nargs="+", type=Path, help="PNG, JPEG or WebP files")
@@ -46,6 +46,7 @@ def build_parser() -> argparse.ArgumentParser:
     image.add_argument("--random-weights", action="store_true", help="tiny random model: tests the path, output is meaningless")
     add_sample_command(commands)
     add_train_command(commands)
+    add_text_command(commands)
     return parser
 
 
@@ -98,6 +99,29 @@ def add_train_command(commands) -> None:
     train.add_argument("--seed", type=int, default=0)
     train.add_argument("--resume", action="store_true", help="continue from the state saved in OUTPUT")
     train.add_argument("--cpu", action="store_true", help="train on the CPU even when a GPU is present")
+
+
+def add_text_command(commands) -> None:
+    from .checkpoints import MVDREAM_CHECKPOINTS
+    from .pipelines.sds import PRESETS
+
+    default = MVDREAM_CHECKPOINTS[0].repo_id
+    text = commands.add_parser("text", help="text -> 3D model (GLB) by MVDream score distillation")
+    text.add_argument("prompt", help="one object, e.g. 'a wooden rocking chair'")
+    text.add_argument("--negative", default="", help="negative prompt")
+    text.add_argument("--preset", choices=sorted(PRESETS), default="fast",
+                      help=f"fast: {PRESETS['fast'].steps} steps; quality: {PRESETS['quality'].steps} (default fast)")
+    text.add_argument("--steps", type=positive_int, default=None, help="a custom step count (the preset's schedule, rescaled)")
+    text.add_argument("--seed", type=int, default=0)
+    text.add_argument("--guidance", type=float, default=None, help="classifier-free guidance scale (default 50)")
+    text.add_argument("--model", default=default, help=f"Hub repo id or folder, diffusers layout or the original "
+                                                       f"sd-v2.1-base-4view.pt (default: {default})")
+    text.add_argument("--revision", default=None, help="Hub revision (branch, tag or commit)")
+    text.add_argument("-o", "--output", type=Path, default=Path("outputs"), help="output folder (default: outputs)")
+    text.add_argument("--quick-look", action="store_true", help="first write quick-look.png: 4 views sampled by DDIM")
+    add_device_options(text)
+    text.add_argument("--offline", action="store_true", help="use the local Hub cache only")
+    text.add_argument("--random-weights", action="store_true", help="tiny random model: tests the path, output is meaningless")
 
 
 def positive_int(text: str) -> int:
@@ -279,7 +303,77 @@ def run_train(args: argparse.Namespace) -> int:
     return 0
 
 
-COMMANDS = {"image": "run_image", "sample": "run_sample", "train-dmv3d": "run_train"}
+def run_text(args: argparse.Namespace) -> int:
+    """``text``: OUTDIR/<prompt>-seed<S>.glb and preview PNGs; the first Ctrl-C stops the optimisation and exports
+    the state reached (exit 130), a second one aborts. Exit 2 when the model or the options are refused."""
+    import signal
+
+    import torch
+    from PIL import Image
+    from tqdm import tqdm
+
+    from .pipelines.progress import run_to_end
+    from .pipelines.sds import SDSControl, for_device
+    from .pipelines.text_to_3d import TextTo3D, check_prompt, options_for, views_strip
+    from .sessions import safe_stem
+
+    try:
+        prompt = check_prompt(args.prompt)
+        device, dtype = choose_device(args.device, args.dtype)
+        options = for_device(options_for(args.preset, args.steps, args.guidance), device)
+        if args.random_weights:
+            print("recon3d: random weights: the object is meaningless (a test of the path only)", file=sys.stderr)
+            pipe = TextTo3D.random(device=device, dtype=dtype)
+        else:
+            pipe = TextTo3D.from_pretrained(args.model, revision=args.revision, offline=args.offline or None,
+                                            device=device, dtype=dtype)
+    except (CheckpointError, ValueError, RuntimeError) as exc:
+        print(f"recon3d: error: {exc}", file=sys.stderr)
+        return 2
+    args.output.mkdir(parents=True, exist_ok=True)
+    stem = f"{safe_stem(prompt)}-seed{args.seed}"
+    if args.quick_look:
+        views = run_to_end(pipe.sample_views(prompt, args.negative, generator=torch.Generator().manual_seed(args.seed)))
+        Image.fromarray(views_strip(views)).save(args.output / f"{stem}-quick-look.png")
+    control, interrupted = SDSControl(), []
+
+    def on_interrupt(signum, frame) -> None:
+        if interrupted:
+            raise KeyboardInterrupt
+        interrupted.append(True)
+        control.stop.set()
+        print("\nrecon3d: stopping after this step to export the state reached (Ctrl-C again aborts)", file=sys.stderr)
+
+    previous = signal.signal(signal.SIGINT, on_interrupt)
+    bar = tqdm(total=options.steps, desc="SDS", unit="step", file=sys.stderr)
+    try:
+        for event in pipe.generate(prompt, args.negative, args.preset, args.steps, args.seed, args.guidance,
+                                   options=options, control=control, source=args.model if not args.random_weights else None):
+            if event.preview is not None:
+                Image.fromarray(views_strip(event.preview)).save(args.output / f"{stem}-preview-{event.metrics['step']:05d}.png")
+            if event.stage == "sds":
+                bar.update(event.metrics["step"] - bar.n)
+                bar.set_postfix_str(f"loss {event.metrics['loss']:.4g} t {event.metrics['t']}")
+            elif event.result is None:
+                bar.write(f"recon3d: {event.message}", file=sys.stderr)
+            else:
+                glb = event.result.save_glb(args.output / f"{stem}.glb")
+                bar.write(json.dumps({"glb": str(glb), "steps_done": event.result.extras["steps_done"],
+                                      "stopped": event.result.extras.get("stopped"), "faces": len(event.result.mesh.faces)}))
+    except torch.OutOfMemoryError:
+        torch.cuda.empty_cache()
+        bar.write("recon3d: out of memory: try --dtype float16 or a smaller GPU load", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        bar.write("recon3d: aborted", file=sys.stderr)
+        return 130
+    finally:
+        bar.close()
+        signal.signal(signal.SIGINT, previous)
+    return 130 if interrupted else 0
+
+
+COMMANDS = {"image": "run_image", "sample": "run_sample", "train-dmv3d": "run_train", "text": "run_text"}
 
 
 def main(argv: list[str] | None = None) -> int:

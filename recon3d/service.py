@@ -15,7 +15,7 @@ from typing import Iterator
 
 import torch
 
-from .checkpoints import DEMO_DMV3D, DEMO_DMV3D_ID, DEMO_DMV3D_LABEL, OPENLRM_CHECKPOINTS
+from .checkpoints import DEMO_DMV3D, DEMO_DMV3D_ID, DEMO_DMV3D_LABEL, MVDREAM_CHECKPOINTS, OPENLRM_CHECKPOINTS
 from .hub import CheckpointError, hub_reachable
 from .models.dmv3d import DEMO_CONFIG as DMV3D_DEMO_CONFIG
 from .models.lrm import PUBLISHED_CONFIGS, TINY_CONFIG
@@ -23,6 +23,8 @@ from .pipelines.image_to_3d import ImageTo3D
 from .pipelines.progress import Progress
 from .pipelines.sample_3d import (Sample, Sample3D, SampleOptions, StepPreview, comparison_grid,
                                   preview_grid)
+from .pipelines.sds import SDSControl, SDSOptions, for_device
+from .pipelines.text_to_3d import TextTo3D, TextTo3DResult, options_for, views_strip
 
 CPU_DEFAULT_RESOLUTION = 128  # on a CPU, 256^3 takes minutes
 GPU_DEFAULT_RESOLUTION = 256
@@ -32,6 +34,8 @@ RANDOM_CHOICES = {
     "random-small (random weights, OpenLRM small shapes)": PUBLISHED_CONFIGS["small"],
 }
 RANDOM_DMV3D_CHOICES = {"random DMV3D (random weights, demo shapes)": DMV3D_DEMO_CONFIG}
+RANDOM_MVDREAM = "random MVDream (tiny, random weights)"
+QUICK_LOOK_STEPS, QUICK_LOOK_STEPS_CPU = 50, 20  # DDIM steps of the quick look (MVDream samples with 50)
 
 
 @dataclass
@@ -42,6 +46,7 @@ class ServiceSettings:
     offline: bool | None = None  # None: probe the Hub once at start
     max_loaded: int = 1  # pipelines kept in memory at once
     dmv3d: str | None = None  # a DMV3D checkpoint (repo id or folder) offered before the shipped demo model
+    mvdream: str | None = None  # an MVDream checkpoint (repo id or folder, either layout) offered first
 
 
 class ModelService:
@@ -86,6 +91,13 @@ class ModelService:
             choices += [(name, name) for name in RANDOM_DMV3D_CHOICES]
         return choices
 
+    def mvdream_choices(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for the Text to 3D dropdown."""
+        if self.settings.random_weights:
+            return [(RANDOM_MVDREAM, RANDOM_MVDREAM)]
+        configured = [(f"{self.settings.mvdream} (configured)", self.settings.mvdream)] if self.settings.mvdream else []
+        return configured + [(f"{c.label} ({c.licence})", c.repo_id) for c in MVDREAM_CHECKPOINTS]
+
     def image_to_3d(self, name: str) -> ImageTo3D:
         """The pipeline for a dropdown value; raises CheckpointError with a user message."""
         return self._get(name, self._load_lrm)
@@ -93,6 +105,10 @@ class ModelService:
     def sample_3d(self, name: str) -> Sample3D:
         """The DMV3D sampler for a dropdown value; raises CheckpointError with a user message."""
         return self._get(name, self._load_dmv3d)
+
+    def text_to_3d(self, name: str) -> TextTo3D:
+        """MVDream for a dropdown value; raises CheckpointError with a user message."""
+        return self._get(name, self._load_mvdream)
 
     def _get(self, name: str, load):
         with self._lock:
@@ -123,6 +139,14 @@ class ModelService:
         location = DEMO_DMV3D if name == DEMO_DMV3D_ID else name
         # offline is the network's state: it also decides whether the background remover may fetch its model
         return Sample3D.from_pretrained(location, device=self.device, dtype=self.dtype, offline=self.offline, name=name)
+
+
+    def _load_mvdream(self, name: str) -> TextTo3D:
+        if name not in {value for _, value in self.mvdream_choices()}:  # never a path a visitor typed
+            raise CheckpointError(f"{name}: unknown MVDream checkpoint")
+        if name == RANDOM_MVDREAM:
+            return TextTo3D.random(device=self.device, dtype=self.dtype)
+        return TextTo3D.from_pretrained(name, device=self.device, dtype=self.dtype, offline=self.offline)
 
 
 def default_resolution(device: torch.device) -> int:
@@ -234,3 +258,56 @@ def sample_job(service: ModelService, sessions, session: str, checkpoint: str, i
     grid = sessions.output_path(session, "comparison", ".png")
     comparison_grid([s.planes for s in samples], pipe.model).save(grid)
     yield Progress("done", 1.0, f"{len(samples)} samples", result=grid)
+
+
+def text_options(device: torch.device, preset: str, steps: int | None, guidance_scale: float | None) -> SDSOptions:
+    """The recipe of a preset as this server runs it (see :func:`~recon3d.pipelines.sds.for_device`)."""
+    return for_device(options_for(preset, steps, guidance_scale), device)
+
+
+def text_job(service: ModelService, sessions, session: str, checkpoint: str, prompt: str, negative_prompt: str,
+             preset: str, options: SDSOptions, seed: int, control: SDSControl, cancel) -> Iterator[Progress]:
+    """One visitor's Text to 3D job, meant for a worker thread. Passes the SDS events on with ``preview`` as the
+    path of a PNG of the four views; each mesh (an export request, then the end) is written as a GLB and comes
+    as ``result`` (the GLB's path; the last event also carries the :class:`TextTo3DResult` in ``metrics``)."""
+    yield Progress("load", 0.0, "Loading MVDream")
+    pipe = service.text_to_3d(checkpoint)
+    previews: list[Path] = []
+    stem = f"text-{seed}"
+    for event in pipe.generate(prompt, negative_prompt, preset, options.steps, seed, options.guidance_scale,
+                               options=options, control=control, cancel=cancel, source=checkpoint):
+        preview = None
+        if event.preview is not None:
+            previews.append(sessions.output_path(session, "text-preview", ".png"))
+            from PIL import Image
+
+            Image.fromarray(views_strip(event.preview)).save(previews[-1])
+            for old in previews[:-PREVIEWS_KEPT]:
+                old.unlink(missing_ok=True)
+            del previews[:-PREVIEWS_KEPT]
+            preview = previews[-1]
+        if isinstance(event.result, TextTo3DResult):
+            result = event.result
+            glb = result.save_glb(sessions.output_path(session, f"{stem}-step-{result.extras['steps_done']}", ".glb"))
+            yield Progress(event.stage, event.fraction, event.message, result=glb,
+                           metrics={**(event.metrics or {}), "result": result})
+        else:
+            yield Progress(event.stage, event.fraction, event.message, preview=preview, metrics=event.metrics)
+
+
+def quick_look_job(service: ModelService, sessions, session: str, checkpoint: str, prompt: str, negative_prompt: str,
+                   seed: int, cancel) -> Iterator[Progress]:
+    """Four views of what the prior imagines for the prompt (plain DDIM); the last event's result is a PNG path."""
+    from PIL import Image
+
+    yield Progress("load", 0.0, "Loading MVDream")
+    pipe = service.text_to_3d(checkpoint)
+    steps = QUICK_LOOK_STEPS if service.device.type != "cpu" else QUICK_LOOK_STEPS_CPU
+    for event in pipe.sample_views(prompt, negative_prompt, steps=steps, generator=torch.Generator().manual_seed(seed),
+                                   cancel=cancel):
+        if event.result is None:
+            yield event
+            continue
+        path = sessions.output_path(session, "quick-look", ".png")
+        Image.fromarray(views_strip(event.result)).save(path)
+        yield Progress("done", 1.0, "four views sampled", result=path)

@@ -1,6 +1,8 @@
 """The launched app: its named API through gradio_client, and a real browser rendering the mesh."""
 
+import contextlib
 import json
+import math
 import os
 import re
 import shutil
@@ -129,6 +131,22 @@ def require_chromium():
         if os.environ.get("CI"):
             pytest.fail(f"Chromium is missing at {CHROMIUM}: .ci/run must install it")
         pytest.skip("Chromium is not installed (apt-get install chromium)")
+
+
+@contextlib.contextmanager
+def browser_page(url, width=1400, height=1300):
+    """A page of the app in headless Chromium (software WebGL), closed afterwards."""
+    require_chromium()
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.goto(url, wait_until="domcontentloaded")
+            yield page
+        finally:
+            browser.close()
 
 
 def test_real_browser_shows_the_mesh_and_its_files_go_with_the_tab(app_url, tmp_path):
@@ -554,32 +572,23 @@ def test_samples_tab_refuses_bad_seeds_counts_and_steps_in_one_line(app_url):
 
 
 def test_real_browser_shows_samples_side_by_side_with_a_live_preview(app_url, tmp_path):
-    require_chromium()
-    from playwright.sync_api import sync_playwright
-
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS, headless=True)
-        try:
-            page = browser.new_page(viewport={"width": 1400, "height": 1300})
-            page.goto(app_url, wait_until="domcontentloaded")
-            page.get_by_role("tab", name="Stochastic samples").click()
-            page.wait_for_selector("#samples-generate", timeout=60000)
-            page.locator("#samples-image input[type=file]").set_input_files(str(ROOT / "examples" / "duck.png"))
-            page.locator("#samples-seeds textarea").fill("1, 2, 3")
-            page.locator("#samples-steps input").fill("4")
-            page.locator("#samples-generate").click()
-            page.locator("#samples-preview img").wait_for(state="visible", timeout=90000)  # x0 views while it runs
-            centres = []
-            for index in range(3):
-                canvas = page.locator(f"#sample-{index} canvas")
-                canvas.wait_for(state="visible", timeout=120000)
-                centres.append(wait_for_mesh_pixels(page, canvas))
-            page.locator("#samples-comparison img").wait_for(state="visible", timeout=60000)
-            captions = [page.inner_text(f"#sample-caption-{index}") for index in range(3)]
-            hidden = page.locator("#sample-caption-3").count() + page.locator("#sample-file-3").count()
-            page.screenshot(path=str(tmp_path / "samples.png"))
-        finally:
-            browser.close()
+    with browser_page(app_url, 1400, 1300) as page:
+        page.get_by_role("tab", name="Stochastic samples").click()
+        page.wait_for_selector("#samples-generate", timeout=60000)
+        page.locator("#samples-image input[type=file]").set_input_files(str(ROOT / "examples" / "duck.png"))
+        page.locator("#samples-seeds textarea").fill("1, 2, 3")
+        page.locator("#samples-steps input").fill("4")
+        page.locator("#samples-generate").click()
+        page.locator("#samples-preview img").wait_for(state="visible", timeout=90000)  # x0 views while it runs
+        centres = []
+        for index in range(3):
+            canvas = page.locator(f"#sample-{index} canvas")
+            canvas.wait_for(state="visible", timeout=120000)
+            centres.append(wait_for_mesh_pixels(page, canvas))
+        page.locator("#samples-comparison img").wait_for(state="visible", timeout=60000)
+        captions = [page.inner_text(f"#sample-caption-{index}") for index in range(3)]
+        hidden = page.locator("#sample-caption-3").count() + page.locator("#sample-file-3").count()
+        page.screenshot(path=str(tmp_path / "samples.png"))
     assert all(shows_mesh(centre) for centre in centres), "a sample's viewer shows no mesh"
     assert [caption.split()[:2] for caption in captions] == [["Seed", "1"], ["Seed", "2"], ["Seed", "3"]]
     assert hidden == 0  # the fourth slot shows no seed and no file
@@ -606,3 +615,120 @@ def test_samples_tab_shares_the_gpu_queue_its_cancel_stops_both_buttons_and_type
     assert labels[0] == DEMO_DMV3D_LABEL and "random DMV3D (random weights, demo shapes)" in labels
     with pytest.raises(CheckpointError, match="unknown DMV3D checkpoint"):
         service.sample_3d(str(ROOT / "assets"))  # a folder on the server that is not on the list
+
+
+# ---- Text to 3D -----------------------------------------------------------------------------------------------------
+
+RANDOM_MVDREAM = "random MVDream (tiny, random weights)"
+
+
+def last_sent(outputs, index):
+    """The last value a streaming endpoint sent for output ``index`` (later updates may leave it unchanged)."""
+    unchanged = {"__type__": "update"}
+    return next(update[index] for update in reversed(outputs) if update[index] != unchanged)
+
+
+def text_call(client, prompt="a red chair", *, preset="custom", steps=3, seed=5, guidance=50, api_name="/text_to_3d"):
+    return client.submit(prompt, "", preset, steps, seed, guidance, RANDOM_MVDREAM, api_name=api_name)
+
+
+def test_text_tab_streams_progress_previews_and_a_final_glb(app_url):
+    from gradio_client import Client
+    from PIL import Image
+
+    client = Client(app_url, verbose=False)
+    assert {"/text_to_3d", "/quick_look", "/stop_text_to_3d", "/export_text_to_3d"} <= set(
+        client.view_api(print_info=False, return_format="dict")["named_endpoints"])
+    job = text_call(client)
+    status = job.result()[0]
+    plot, viewer, download = (last_sent(job.outputs(), index) for index in (2, 3, 4))
+    assert status.startswith("Done at step 3/3") and "Random weights" in status
+    extras = glb_extras(download)
+    assert (extras["prompt"], extras["seed"], extras["preset"], extras["steps"]) == ("a red chair", 5, "custom", 3)
+    assert extras["method"] == "MVDream SDS" and extras["random_weights"] is True
+    positions, *_ = glb_summary(viewer)
+    assert len(positions) > 0
+    streamed = job.outputs()
+    steps = [update[0] for update in streamed if isinstance(update[0], str) and update[0].startswith("Step ")]
+    assert len(steps) >= 3 and "ETA" in steps[0] and "loss" in steps[0]  # at least 3 progress events
+    previews = [update[1] for update in streamed if isinstance(update[1], str)]
+    assert len(set(previews)) >= 2 and Image.open(previews[-1]).size == (4 * 64, 64)  # four views, refreshed
+    assert [row[0] for row in plot["data"]] == [1, 2, 3] and plot["columns"] == ["step", "log10 loss"]  # the curve
+    assert [row[1] for row in plot["data"]] == pytest.approx([math.log10(float(s.split("loss ")[1].split()[0]))
+                                                             for s in steps[:3]], abs=1e-3)
+
+    look = client.predict("a red chair", "", 1, RANDOM_MVDREAM, api_name="/quick_look")
+    assert Image.open(look).size == (4 * 256, 256)
+
+
+def test_text_tab_exports_mid_run_and_stop_keeps_the_state(app_url):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    assert client.predict(api_name="/stop_text_to_3d") == "No text-to-3D job is running."
+    job = text_call(client, "a tall lamp", steps=500, seed=9)
+    deadline = time.time() + 120
+    while time.time() < deadline and sum(str(u[0]).startswith("Step ") for u in job.outputs()) < 2:
+        time.sleep(0.2)
+    assert "Exporting" in client.predict(api_name="/export_text_to_3d")
+    while time.time() < deadline and not any(isinstance(u[4], str) for u in job.outputs()):
+        time.sleep(0.2)
+    mid_run = next(u[4] for u in job.outputs() if isinstance(u[4], str))
+    assert not job.done() and glb_extras(mid_run)["steps_done"] >= 2  # a GLB while the job goes on
+    assert "Stopping" in client.predict(api_name="/stop_text_to_3d")
+    status = job.result(timeout=120)[0]
+    extras = glb_extras(last_sent(job.outputs(), 4))
+    assert status.startswith("Stopped at step") and extras["stopped"] == "stop"
+    assert extras["steps_done"] < 500 and f"step {extras['steps_done']}/500" in status.replace(",", "")
+
+
+@pytest.mark.parametrize("prompt, preset, steps, seed, guidance, message", [
+    ("   ", "fast", 10, 0, 50, "Type a prompt"),
+    ("x" * 1001, "fast", 10, 0, 50, "keep it under 1000"),
+    ("a cup", "custom", 0, 0, 50, "Steps must be between 1 and 20000"),
+    ("a cup", "custom", 2.5, 0, 50, "Steps must be a whole number"),
+    ("a cup", "fast", 10, -1, 50, "The seed must be between"),
+    ("a cup", "fast", 10, 0, None, "Guidance scale must be a number"),
+    ("a cup", "fast", 10, 0, 500, "Guidance scale must be between 0 and 200"),
+])
+def test_text_tab_refuses_bad_input_in_one_line(app_url, prompt, preset, steps, seed, guidance, message):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    with pytest.raises(Exception) as error:
+        client.predict(prompt, "", preset, steps, seed, guidance, RANDOM_MVDREAM, api_name="/text_to_3d")
+    assert message in str(error.value) and "\n" not in str(error.value).strip()
+
+
+def test_text_tab_says_when_a_long_prompt_was_cut(app_url):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    job = text_call(client, "a very " + "very " * 90 + "tall tower", steps=1)
+    status = job.result()[0]
+    assert "longer than 75 tokens" in status and glb_extras(last_sent(job.outputs(), 4))["prompt_truncated"] is True
+
+
+def test_real_browser_sees_the_text_preview_update_and_the_mesh(app_url, tmp_path):
+    with browser_page(app_url, 1400, 1400) as page:
+        page.get_by_role("tab", name="Text to 3D").click()
+        page.wait_for_selector("#text-generate", timeout=60000)
+        page.locator("#text-prompt textarea").fill("a blue mug")
+        page.locator("#text-preset").get_by_label("custom").check()
+        page.locator("#text-steps input").fill("2")
+        page.locator("#text-generate").click()
+        image = page.locator("#text-preview img")
+        image.wait_for(state="visible", timeout=120000)
+        sources = {image.get_attribute("src")}
+        deadline = time.time() + 120
+        while time.time() < deadline and len(sources) < 2:
+            sources.add(image.get_attribute("src"))
+            time.sleep(0.2)
+        canvas = page.locator("#text-viewer canvas")
+        canvas.wait_for(state="visible", timeout=300000)
+        centre = wait_for_mesh_pixels(page, canvas, timeout=120)
+        status = page.inner_text("#text-status")
+        page.screenshot(path=str(tmp_path / "text.png"))
+    assert len(sources) >= 2, "the preview never refreshed"
+    assert shows_mesh(centre), "the viewer shows no mesh"
+    assert "Done at step 2/2" in status

@@ -115,3 +115,47 @@ def test_ctrl_c_stops_with_one_line_and_no_traceback(tiny_checkpoint, tmp_path):
     text = "".join(stderr)
     assert proc.returncode == 130, text
     assert f"recon3d: interrupted; the finished outputs are in {tmp_path}" in text and "Traceback" not in text
+
+
+def test_text_writes_previews_and_a_glb_recording_how_it_was_made(tmp_path):
+    import pygltflib
+
+    proc = run_cli("text", "a small red cup", "--steps", 2, "--seed", 4, "--random-weights", "--quick-look",
+                   "-o", tmp_path, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    glb = tmp_path / "a-small-red-cup-seed4.glb"
+    glb_summary(glb)
+    extras = pygltflib.GLTF2().load(str(glb)).asset.extras
+    assert (extras["prompt"], extras["seed"], extras["steps"], extras["preset"]) == ("a small red cup", 4, 2, "custom")
+    assert sorted(p.name for p in tmp_path.glob("*.png"))[-1] == "a-small-red-cup-seed4-quick-look.png"
+    assert (tmp_path / "a-small-red-cup-seed4-preview-00001.png").is_file()
+    assert json.loads(proc.stdout.splitlines()[-1])["steps_done"] == 2
+
+
+def test_text_ctrl_c_exports_the_state_reached(tmp_path):
+    import signal
+    import time
+
+    import pygltflib
+
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([sys.executable, "-m", "recon3d", "text", "a lamp", "--steps", "500", "--random-weights",
+                             "-o", str(tmp_path)], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    deadline = time.time() + 180
+    while time.time() < deadline and not list(tmp_path.glob("*preview-00001.png")):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=180)
+    assert proc.returncode == 130, err
+    assert "stopping after this step" in err and "Traceback" not in err
+    extras = pygltflib.GLTF2().load(str(tmp_path / "a-lamp-seed0.glb")).asset.extras
+    assert extras["stopped"] == "stop" and 1 <= extras["steps_done"] < 500
+
+
+def test_text_refuses_an_empty_prompt_and_an_unreachable_model_in_one_line(tmp_path):
+    proc = run_cli("text", "  ", "--random-weights", cwd=tmp_path)
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("recon3d: error: type a prompt")
+    proc = run_cli("text", "a cup", "--model", "ashawkey/mvdream-sd2.1-diffusers", "--offline", cwd=tmp_path)
+    assert proc.returncode == 2
+    assert "recon3d: error: ashawkey/mvdream-sd2.1-diffusers is not in the local cache and offline mode is on" in proc.stderr

@@ -19,7 +19,7 @@ from __future__ import annotations
 import math
 import threading
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Iterator, Protocol
 
 import torch
@@ -98,6 +98,16 @@ PRESETS = {
     "fast": SDSOptions(steps=2000),
     "quality": SDSOptions(steps=10000),
 }
+
+
+def for_device(options: SDSOptions, device: torch.device | str) -> SDSOptions:
+    """The recipe as run on ``device``. On a CPU, where rendering and its backward pass take most of a 256 px
+    step (bench/sds.py), the second phase renders 128 px (still resized to the encoder's 256), rays take fewer
+    samples, and previews and meshes are smaller; the schedule, losses and cameras are unchanged."""
+    if torch.device(device).type != "cpu":
+        return options
+    return replace(options, high_resolution=min(options.high_resolution, 128), coarse_samples=32, fine_samples=16,
+                   preview_size=64, mesh_resolution=128)
 
 
 def timestep_range(options: SDSOptions, step: int) -> tuple[float, float]:
