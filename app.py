@@ -127,7 +127,8 @@ async def visitor_job(job, cancel, name: str):
     except Exception as exc:
         if is_out_of_memory(exc):
             free_device_memory()
-            raise gr.Error("Out of memory: try a lower resolution, fewer samples or a smaller checkpoint.") from None
+            raise gr.Error("Out of memory: try a lower resolution, fewer samples, a smaller checkpoint or a server in "
+                           "half precision (--dtype float16).") from None
         log.exception("%s failed", name)
         raise gr.Error(f"Unexpected error ({type(exc).__name__}); the server log has the details.") from None
 
@@ -442,7 +443,8 @@ def loss_table(losses: list[tuple[int, float]], points: int = 400):
     rows = losses[::stride]
     if losses and rows[-1] != losses[-1]:
         rows.append(losses[-1])  # always end at the latest step
-    return pd.DataFrame([(step, math.log10(max(loss, 1e-12))) for step, loss in rows], columns=["step", "log10 loss"])
+    return pd.DataFrame({"step": pd.Series([step for step, _ in rows], dtype="int64"),
+                         "log10 loss": pd.Series([math.log10(max(loss, 1e-12)) for _, loss in rows], dtype="float64")})
 
 
 def text_status(event, note: str) -> str:
@@ -536,6 +538,10 @@ def make_quick_look_handler(service: ModelService, sessions: Sessions):
 def build_text_tab(service: ModelService, sessions: Sessions, controls: TextControls) -> None:
     choices = service.mvdream_choices()
     default_guidance = PRESETS["fast"].guidance_scale
+    if service.device.type == "cpu" and not service.settings.random_weights:
+        gr.Markdown("**This server has no GPU**: with the real MVDream a step takes one to two minutes here "
+                    "(bench/results/sds-cpu.json), so even the fast schedule takes days. Use a custom step count "
+                    "to try it, or run recon3d on a GPU.", elem_id="text-cpu-note")
     with gr.Row():
         with gr.Column(scale=1):
             prompt = gr.Textbox(label="Prompt", placeholder="one object, e.g. a wooden rocking chair", lines=2,
@@ -565,7 +571,8 @@ def build_text_tab(service: ModelService, sessions: Sessions, controls: TextCont
                              type="filepath", height=180, elem_id="text-quick")
             preview = gr.Image(label="Optimisation: four views of the current 3D object", interactive=False,
                                type="filepath", height=180, elem_id="text-preview")
-            plot = gr.LinePlot(x="step", y="log10 loss", label="Loss (log10)", height=180, elem_id="text-loss")
+            plot = gr.LinePlot(loss_table([]), x="step", y="log10 loss", label="Loss (log10)", height=180,
+                               elem_id="text-loss")  # typed from the start, so both axes are numeric
             viewer = gr.Model3D(label="3D model", clear_color=(0.85, 0.85, 0.85, 1.0), height=360, elem_id="text-viewer")
             download = gr.File(label="Download GLB", elem_id="text-download")
     outputs = {"status": status, "preview": preview, "plot": plot, "viewer": viewer, "download": download}

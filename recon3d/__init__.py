@@ -1,4 +1,4 @@
-"""recon3d: a photo or a sentence -> a 3D model you can spin and download.
+"""recon3d: a photo or a sentence -> a 3D model you can spin and download (``TextTo3D`` for sentences).
 
 Python API::
 
@@ -10,6 +10,7 @@ Python API::
 """
 
 from .pipelines.image_to_3d import ImageTo3D, ImageTo3DOptions, ImageTo3DResult
+from .pipelines.text_to_3d import TextTo3D, TextTo3DResult
 
-__all__ = ["ImageTo3D", "ImageTo3DOptions", "ImageTo3DResult"]
+__all__ = ["ImageTo3D", "ImageTo3DOptions", "ImageTo3DResult", "TextTo3D", "TextTo3DResult"]
 __version__ = "0.1.0"

@@ -330,6 +330,8 @@ def run_text(args: argparse.Namespace) -> int:
     except (CheckpointError, ValueError, RuntimeError) as exc:
         print(f"recon3d: error: {exc}", file=sys.stderr)
         return 2
+    for note in pipe.parts.notes:
+        print(f"recon3d: note: {note}", file=sys.stderr)
     args.output.mkdir(parents=True, exist_ok=True)
     stem = f"{safe_stem(prompt)}-seed{args.seed}"
     if args.quick_look:
@@ -363,6 +365,9 @@ def run_text(args: argparse.Namespace) -> int:
     except torch.OutOfMemoryError:
         torch.cuda.empty_cache()
         bar.write("recon3d: out of memory: try --dtype float16 or a smaller GPU load", file=sys.stderr)
+        return 1
+    except (EmptyMeshError, ValueError) as exc:
+        bar.write(f"recon3d: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
         bar.write("recon3d: aborted", file=sys.stderr)

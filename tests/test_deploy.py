@@ -23,10 +23,16 @@ def test_spaces_front_matter_pins_gradio_and_preloads_every_checkpoint():
     assert meta["sdk"] == "gradio" and f"gradio=={meta['sdk_version']}" in requirements
     assert meta["app_file"] == "app.py" and (ROOT / meta["app_file"]).exists()
     assert meta["suggested_hardware"] == "a100-large"
-    repos = {c.repo_id for c in OPENLRM_CHECKPOINTS}
-    assert set(meta["models"]) == repos
-    assert {entry.split()[0] for entry in meta["preload_from_hub"]} == repos
-    assert all(entry.split()[1] == "config.json,model.safetensors" for entry in meta["preload_from_hub"])
+    from recon3d.checkpoints import MVDREAM_CHECKPOINTS
+    from recon3d.models.mvdream import DIFFUSERS_LAYOUT
+
+    lrm_repos, mvdream_repos = {c.repo_id for c in OPENLRM_CHECKPOINTS}, {c.repo_id for c in MVDREAM_CHECKPOINTS}
+    assert set(meta["models"]) == lrm_repos | mvdream_repos
+    preloaded = dict(entry.split() for entry in meta["preload_from_hub"])
+    assert set(preloaded) == lrm_repos | mvdream_repos
+    assert all(preloaded[repo] == "config.json,model.safetensors" for repo in lrm_repos)
+    every_part = ",".join(names[0] for names in DIFFUSERS_LAYOUT)  # what TextTo3D.from_pretrained reads
+    assert all(preloaded[repo] == every_part for repo in mvdream_repos)
 
 
 def test_readme_begins_with_install_run_and_test_commands():

@@ -167,7 +167,7 @@ def ldm_vae_name(name: str) -> str:
 
 def test_original_single_file_loads_unet_and_vae(tiny_parts, tiny_mvdream_repo, tmp_path):
     state = {LDM_UNET_PREFIX + ldm: tiny_parts.unet.state_dict()[name]
-             for ldm, name in diffusers_to_ldm_names(tiny_parts.unet, PUBLISHED_NAMES, TINY_UNET_CONFIG).items()}
+             for ldm, name in diffusers_to_ldm_names(PUBLISHED_NAMES, TINY_UNET_CONFIG).items()}
     for name, tensor in tiny_parts.vae.state_dict().items():
         is_attention_matrix = ".attentions." in name and name.endswith("weight") and tensor.dim() == 2
         state[ldm_vae_name(name)] = tensor[:, :, None, None] if is_attention_matrix else tensor  # LDM: 1x1 convs

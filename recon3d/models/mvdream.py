@@ -157,7 +157,7 @@ def ldm_to_diffusers_names(ldm_names: list[str], config: MultiViewUNetConfig, so
     return mapping
 
 
-def diffusers_to_ldm_names(unet: "UNet2DConditionModel", ldm_names: list[str], config: MultiViewUNetConfig) -> dict[str, str]:
+def diffusers_to_ldm_names(ldm_names: list[str], config: MultiViewUNetConfig) -> dict[str, str]:
     """The inverse: {published name: diffusers name}, for writing a model in the published layout."""
     return {ldm: diffusers for diffusers, ldm in ldm_to_diffusers_names(ldm_names, config).items()}
 
@@ -405,7 +405,7 @@ def write_diffusers_layout(parts: MVDreamParts, folder, ldm_names: list[str]):
     (folder / "model_index.json").write_text(json.dumps(index, indent=2))
     (folder / "unet" / "config.json").write_text(json.dumps(parts.unet_config.to_dict(), indent=2))
     state = parts.unet.state_dict()
-    names = diffusers_to_ldm_names(parts.unet, ldm_names, parts.unet_config)
+    names = diffusers_to_ldm_names(ldm_names, parts.unet_config)
     save_file({ldm: state[name].detach().contiguous() for ldm, name in names.items()},
               str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
     parts.vae.save_pretrained(str(folder / "vae"))

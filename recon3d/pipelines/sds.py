@@ -72,6 +72,7 @@ class SDSOptions:
     network_lr: float = 0.001
     betas: tuple[float, float] = (0.9, 0.99)
     eps: float = 1e-15
+    weight_decay: float = 0.01  # (AdamW's default, which the published run keeps)
     learn_background: bool = True  # False: white behind the object (the analytic test prior renders on white)
     random_background_probability: float = 0.5
     field_resolution: int = 128
@@ -145,6 +146,13 @@ class SDSState:
     background: BackgroundNetwork
     step: int = 0  # steps completed
     losses: list[float] = field(default_factory=list)
+    render_generator: torch.Generator | None = None  # ray jitter, on the field's device (None: the step's generator)
+
+
+def group_std(x: torch.Tensor, views: int) -> torch.Tensor:
+    """The standard deviation of each group of ``views`` consecutive samples of x (B, ...), as (B, 1, ..., 1)."""
+    std = x.reshape(x.shape[0] // views, -1).std(dim=1)  # (B / views,)
+    return std.repeat_interleave(views).view(-1, *[1] * (x.dim() - 1))
 
 
 def x0_reconstruction_loss(prior: MultiViewPrior, latents: torch.Tensor, t_fraction: tuple[float, float],
@@ -162,10 +170,9 @@ def x0_reconstruction_loss(prior: MultiViewPrior, latents: torch.Tensor, t_fract
                                                   c2w, intrinsics)
         eps = eps_plain + options.guidance_scale * (eps_text - eps_plain)
         x0 = (noisy - (1 - abar).sqrt() * eps) / abar.sqrt()  # (B, ...)
-        if options.cfg_rescale > 0:
+        if options.cfg_rescale > 0:  # match the spread of the text-only estimate, per group of views
             x0_text = (noisy - (1 - abar).sqrt() * eps_text) / abar.sqrt()
-            dims = tuple(range(1, x0.dim()))
-            ratio = x0_text.std(dim=dims, keepdim=True) / x0.std(dim=dims, keepdim=True).clamp(min=1e-8)
+            ratio = group_std(x0_text, options.views) / group_std(x0, options.views).clamp(min=1e-8)
             x0 = options.cfg_rescale * x0 * ratio + (1 - options.cfg_rescale) * x0
     return 0.5 * (latents - x0).square().sum() / latents.shape[0], t
 
@@ -181,20 +188,25 @@ def render_batch(state: SDSState, options: SDSOptions, step: int, generator: tor
     if float(torch.rand((), generator=generator)) < options.random_background_probability:
         background = torch.rand(3, generator=generator).to(state.field.device)
     settings = RenderSettings(options.coarse_samples, options.fine_samples, options.chunk_rays, background)
-    rgb = render_views(state.field, c2w, intrinsics, size, size, settings, [generator])["rgb"][0]  # (B, S, S, 3)
+    jitter = state.render_generator or generator
+    rgb = render_views(state.field, c2w, intrinsics, size, size, settings, [jitter])["rgb"][0]  # (B, S, S, 3)
     return {"images": rgb.permute(0, 3, 1, 2), "c2w": c2w[0], "intrinsics": intrinsics[0]}
 
 
 def new_state(options: SDSOptions, generator: torch.Generator, device: torch.device | str) -> SDSState:
     field_ = NeuralTriplaneField(generator, options.field_resolution, options.field_channels).to(device)
-    return SDSState(field_, BackgroundNetwork(generator).to(device))
+    # the millions of ray-jitter draws per step come from a generator on the device (seeded from ``generator``),
+    # so a GPU does not wait for the CPU; cameras, t and noise stay on ``generator``
+    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
+    render_generator = torch.Generator(torch.device(device)).manual_seed(seed)
+    return SDSState(field_, BackgroundNetwork(generator).to(device), render_generator=render_generator)
 
 
 def make_optimiser(state: SDSState, options: SDSOptions) -> torch.optim.Optimizer:
     groups = [{"params": state.field.grid_parameters(), "lr": options.grid_lr},
               {"params": state.field.decoder_parameters() + list(state.background.parameters()),
                "lr": options.network_lr}]
-    return torch.optim.AdamW(groups, betas=options.betas, eps=options.eps, weight_decay=0.0)
+    return torch.optim.AdamW(groups, betas=options.betas, eps=options.eps, weight_decay=options.weight_decay)
 
 
 def preview_views(state: SDSState, options: SDSOptions) -> torch.Tensor:
@@ -216,14 +228,18 @@ class NonFiniteLoss(RuntimeError):
 
 
 def sds_step(prior: MultiViewPrior, state: SDSState, optimiser: torch.optim.Optimizer, options: SDSOptions,
-             generator: torch.Generator) -> dict:
-    """One optimisation step; raises :class:`NonFiniteLoss` (without changing the state) on a NaN."""
+             generator: torch.Generator, cancel: CancelToken = NEVER) -> dict:
+    """One optimisation step; raises :class:`NonFiniteLoss` (without changing the state) on a NaN. ``cancel`` is
+    also checked between the stages of the step (a CPU step takes minutes)."""
     step = state.step
     batch = render_batch(state, options, step, generator)
+    cancel.check()
     images = F.interpolate(batch["images"], size=(prior.encoder_size,) * 2, mode="bilinear", align_corners=False)
     latents = prior.encode(images, generator)
+    cancel.check()
     t_range = timestep_range(options, step)
     loss, t = x0_reconstruction_loss(prior, latents, t_range, batch["c2w"], batch["intrinsics"], options, generator)
+    cancel.check()
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     grads = [p.grad for group in optimiser.param_groups for p in group["params"] if p.grad is not None]
@@ -266,7 +282,7 @@ def optimise(prior: MultiViewPrior, options: SDSOptions, generator: torch.Genera
             control.export.clear()
             yield Progress("export", state.step / options.steps, f"exporting at step {state.step}", result=state)
         try:
-            info = sds_step(prior, state, optimiser, options, generator)
+            info = sds_step(prior, state, optimiser, options, generator, cancel)
         except NonFiniteLoss as exc:
             stopped = f"{exc}; kept the state of step {state.step}"
             break

@@ -174,6 +174,8 @@ class TextTo3D:
                   "negative_prompt": negative_prompt, "seed": int(seed), "preset": preset if steps is None else "custom",
                   "steps": options.steps, "guidance_scale": options.guidance_scale,
                   "random_weights": self.random_weights, "prompt_truncated": embeddings.truncated}
+        if self.parts.notes:
+            extras["checkpoint_notes"] = list(self.parts.notes)
         if embeddings.truncated:
             yield Progress("prompt", 0.0, f"the prompt is longer than {self.max_prompt_tokens} tokens; "
                                           "only its beginning is used")
