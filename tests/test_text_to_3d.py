@@ -266,3 +266,12 @@ def test_mvdream_prior_returns_the_text_prediction_first(tiny_pipe):
         alone = tiny_pipe.unet(noisy, torch.full((4,), 400), encoder_hidden_states=prompt.text.expand(4, -1, -1),
                                class_labels=camera_condition(c2w)).sample
     assert torch.allclose(eps_text, alone, atol=1e-5) and not torch.allclose(eps_plain, alone, atol=1e-3)
+
+
+def test_eta_counts_each_resolution_phase_at_its_own_speed():
+    from recon3d.pipelines.sds import remaining_seconds
+
+    options = SDSOptions(steps=10)  # steps 0-4 at 64 px, 5-9 at 256 px
+    assert remaining_seconds(options, 2, {64: [1.0, 1.0]}, 64) == 8.0  # the 256 px speed is not known yet
+    assert remaining_seconds(options, 6, {64: [1.0] * 5, 256: [3.0]}, 256) == 12.0  # not the mean over all steps
+    assert remaining_seconds(options, 3, {64: [2.0] * 3, 256: [5.0]}, 64) == 2 * 2.0 + 5 * 5.0

@@ -252,6 +252,18 @@ def sds_step(prior: MultiViewPrior, state: SDSState, optimiser: torch.optim.Opti
     return {"loss": state.losses[-1], "t": t, "t_range": t_range, "resolution": batch["images"].shape[-1]}
 
 
+def remaining_seconds(options: SDSOptions, step: int, step_seconds: dict[int, list[float]], current: int) -> float:
+    """Time left: the steps left in each resolution phase times that phase's mean step time so far (the current
+    phase's while a phase has not started: a 256 px step costs more than a 64 px one, so the first half's
+    estimate is a lower bound)."""
+    mean = {size: sum(times) / len(times) for size, times in step_seconds.items()}
+    switch = math.ceil(options.high_resolution_from * options.steps)  # the first step at high resolution
+    low_left = max(0, switch - step)
+    high_left = options.steps - step - low_left
+    return (low_left * mean.get(options.low_resolution, mean[current])
+            + high_left * mean.get(options.high_resolution, mean[current]))
+
+
 @dataclass
 class SDSControl:
     """Requests from outside a running optimisation, checked between steps: ``stop`` ends it and keeps what it
@@ -273,6 +285,7 @@ def optimise(prior: MultiViewPrior, options: SDSOptions, generator: torch.Genera
     state = state or new_state(options, generator, device)
     optimiser = make_optimiser(state, options)
     start, last_preview, stopped = time.perf_counter(), -math.inf, "done"
+    step_seconds: dict[int, list[float]] = {}  # render size -> seconds of each step so far
     while state.step < options.steps:
         cancel.check()
         if control.stop.is_set():
@@ -281,14 +294,16 @@ def optimise(prior: MultiViewPrior, options: SDSOptions, generator: torch.Genera
         if control.export.is_set():
             control.export.clear()
             yield Progress("export", state.step / options.steps, f"exporting at step {state.step}", result=state)
+        step_start = time.perf_counter()
         try:
             info = sds_step(prior, state, optimiser, options, generator, cancel)
         except NonFiniteLoss as exc:
             stopped = f"{exc}; kept the state of step {state.step}"
             break
+        step_seconds.setdefault(info["resolution"], []).append(time.perf_counter() - step_start)
         elapsed = time.perf_counter() - start
         metrics = {"step": state.step, "steps": options.steps, **info, "elapsed": elapsed,
-                   "eta": elapsed / state.step * (options.steps - state.step)}
+                   "eta": remaining_seconds(options, state.step, step_seconds, info["resolution"])}
         preview = None
         if elapsed - last_preview >= options.preview_seconds or state.step == options.steps:
             preview, last_preview = preview_views(state, options), elapsed
