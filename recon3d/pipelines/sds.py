@@ -25,7 +25,7 @@ from typing import Iterator, Protocol
 import torch
 import torch.nn.functional as F
 
-from ..cameras import orbit_camera, sample_orbit_cameras
+from ..cameras import intrinsics_from_fov, orbit_camera, sample_orbit_cameras
 from ..cancel import NEVER, CancelToken
 from ..field import NeuralTriplaneField
 from ..render import RenderSettings, render_views
@@ -215,8 +215,6 @@ def preview_views(state: SDSState, options: SDSOptions) -> torch.Tensor:
         azimuths = torch.arange(4, dtype=torch.float32) * 90.0
         fov = 40.0
         c2w = orbit_camera(azimuths, 15.0, 0.9 / math.tan(math.radians(fov / 2)), device=state.field.device)
-        from ..cameras import intrinsics_from_fov
-
         settings = RenderSettings(options.coarse_samples, options.fine_samples, options.chunk_rays)
         size = options.preview_size
         return render_views(state.field, c2w[None], intrinsics_from_fov(fov, state.field.device), size, size,

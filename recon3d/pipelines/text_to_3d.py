@@ -15,7 +15,6 @@ from typing import Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..cameras import orbit_camera
 from ..cancel import NEVER, CancelToken
