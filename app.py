@@ -475,7 +475,7 @@ def make_text_handler(service: ModelService, sessions: Sessions, controls: TextC
         try:
             with sessions.job(session) as cancel:
                 job = text_job(service, sessions, session, checkpoint, prompt, str(negative_prompt or ""), preset,
-                               options, seed, control, cancel)
+                               custom_steps, options, seed, control, cancel)
                 async for event in visitor_job(job, cancel, "text_to_3d"):
                     metrics = event.metrics or {}
                     if "loss" in metrics:

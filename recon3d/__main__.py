@@ -309,7 +309,6 @@ def run_text(args: argparse.Namespace) -> int:
     import signal
 
     import torch
-    from PIL import Image
     from tqdm import tqdm
 
     from .pipelines.progress import run_to_end
@@ -336,7 +335,7 @@ def run_text(args: argparse.Namespace) -> int:
     stem = f"{safe_stem(prompt)}-seed{args.seed}"
     if args.quick_look:
         views = run_to_end(pipe.sample_views(prompt, args.negative, generator=torch.Generator().manual_seed(args.seed)))
-        Image.fromarray(views_strip(views)).save(args.output / f"{stem}-quick-look.png")
+        views_strip(views).save(args.output / f"{stem}-quick-look.png")
     control, interrupted = SDSControl(), []
 
     def on_interrupt(signum, frame) -> None:
@@ -352,7 +351,7 @@ def run_text(args: argparse.Namespace) -> int:
         for event in pipe.generate(prompt, args.negative, args.preset, args.steps, args.seed, args.guidance,
                                    options=options, control=control, source=args.model if not args.random_weights else None):
             if event.preview is not None:
-                Image.fromarray(views_strip(event.preview)).save(args.output / f"{stem}-preview-{event.metrics['step']:05d}.png")
+                views_strip(event.preview).save(args.output / f"{stem}-preview-{event.metrics['step']:05d}.png")
             if event.stage == "sds":
                 bar.update(event.metrics["step"] - bar.n)
                 bar.set_postfix_str(f"loss {event.metrics['loss']:.4g} t {event.metrics['t']}")

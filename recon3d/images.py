@@ -231,3 +231,16 @@ def image_to_tensor(image: Image.Image):
 
     array = np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
     return torch.from_numpy(array).permute(2, 0, 1).unsqueeze(0).contiguous()
+
+
+def views_grid(views, size: int | None = None) -> Image.Image:
+    """Views (B, V, 3, H, W) in [0, 1] (a torch tensor) as one image: one row per object, one column per view,
+    each view scaled to ``size`` pixels (nearest: the model's own pixels, not smoothed; None: as they are)."""
+    import torch.nn.functional as F
+
+    b, v, _, h, w = views.shape
+    tiles = views.float().flatten(0, 1).clamp(0, 1)  # (B*V, 3, H, W)
+    if size is not None:
+        tiles, h, w = F.interpolate(tiles, size=(size, size), mode="nearest"), size, size
+    grid = tiles.reshape(b, v, 3, h, w).permute(0, 3, 1, 4, 2).reshape(b * h, v * w, 3)
+    return Image.fromarray((grid.cpu().numpy() * 255 + 0.5).astype("uint8"))

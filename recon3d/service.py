@@ -21,8 +21,8 @@ from .models.dmv3d import DEMO_CONFIG as DMV3D_DEMO_CONFIG
 from .models.lrm import PUBLISHED_CONFIGS, TINY_CONFIG
 from .pipelines.image_to_3d import ImageTo3D
 from .pipelines.progress import Progress
-from .pipelines.sample_3d import (Sample, Sample3D, SampleOptions, StepPreview, comparison_grid,
-                                  preview_grid)
+from .images import views_grid
+from .pipelines.sample_3d import Sample, Sample3D, SampleOptions, StepPreview, comparison_grid
 from .pipelines.sds import SDSControl, SDSOptions, for_device
 from .pipelines.text_to_3d import TextTo3D, TextTo3DResult, options_for, views_strip
 
@@ -228,6 +228,23 @@ def file_digest(path: str | Path) -> str:
 PREVIEWS_KEPT = 2  # the page may still be fetching the previous preview; older ones are deleted
 
 
+class PreviewFiles:
+    """A job's preview images on disk: each gets a fresh name (the page fetches it by URL) and all but the
+    latest ``PREVIEWS_KEPT`` are deleted, so a long job leaves two files, not thousands."""
+
+    def __init__(self, sessions, session: str, stem: str):
+        self.sessions, self.session, self.stem, self.paths = sessions, session, stem, []
+
+    def save(self, image) -> Path:
+        """Write a PIL image; return its path."""
+        self.paths.append(self.sessions.output_path(self.session, self.stem, ".png"))
+        image.save(self.paths[-1])
+        for old in self.paths[:-PREVIEWS_KEPT]:
+            old.unlink(missing_ok=True)
+        del self.paths[:-PREVIEWS_KEPT]
+        return self.paths[-1]
+
+
 def sample_job(service: ModelService, sessions, session: str, checkpoint: str, image_path: str,
                options: SampleOptions, shown: list[ShownSample], cancel) -> Iterator[Progress]:
     """One visitor's Stochastic samples job, meant for a worker thread. Progress events whose ``preview`` is the
@@ -236,15 +253,11 @@ def sample_job(service: ModelService, sessions, session: str, checkpoint: str, i
     come from the same checkpoint)."""
     yield Progress("load", 0.0, "Loading the checkpoint")
     pipe = service.sample_3d(checkpoint)
-    samples, previews, digest = list(shown), [], file_digest(image_path)
+    samples, previews, digest = list(shown), PreviewFiles(sessions, session, "preview"), file_digest(image_path)
     for event in pipe.run(image_path, options, cancel):
         if isinstance(event.preview, StepPreview):
-            previews.append(sessions.output_path(session, "preview", ".png"))
-            preview_grid(event.preview.views).save(previews[-1])
-            for old in previews[:-PREVIEWS_KEPT]:
-                old.unlink(missing_ok=True)
-            del previews[:-PREVIEWS_KEPT]
-            yield Progress(event.stage, event.fraction, event.message, preview=previews[-1])
+            path = previews.save(views_grid(event.preview.views, size=96))
+            yield Progress(event.stage, event.fraction, event.message, preview=path)
         elif isinstance(event.result, Sample):
             sample = event.result
             glb = sample.save_glb(sessions.output_path(session, f"seed-{sample.seed}", ".glb"))
@@ -266,31 +279,21 @@ def text_options(device: torch.device, preset: str, steps: int | None, guidance_
 
 
 def text_job(service: ModelService, sessions, session: str, checkpoint: str, prompt: str, negative_prompt: str,
-             preset: str, options: SDSOptions, seed: int, control: SDSControl, cancel) -> Iterator[Progress]:
+             preset: str, custom_steps: int | None, options: SDSOptions, seed: int, control: SDSControl,
+             cancel) -> Iterator[Progress]:
     """One visitor's Text to 3D job, meant for a worker thread. Passes the SDS events on with ``preview`` as the
-    path of a PNG of the four views; each mesh (an export request, then the end) is written as a GLB and comes
-    as ``result`` (the GLB's path; the last event also carries the :class:`TextTo3DResult` in ``metrics``)."""
+    path of a PNG of the four views; each mesh (an export request, then the end) is written as a GLB whose path
+    comes as ``result``. ``custom_steps``: the visitor's own step count (None: the preset's)."""
     yield Progress("load", 0.0, "Loading MVDream")
     pipe = service.text_to_3d(checkpoint)
-    previews: list[Path] = []
-    stem = f"text-{seed}"
-    for event in pipe.generate(prompt, negative_prompt, preset, options.steps, seed, options.guidance_scale,
+    previews = PreviewFiles(sessions, session, "text-preview")
+    for event in pipe.generate(prompt, negative_prompt, preset, custom_steps, seed, options.guidance_scale,
                                options=options, control=control, cancel=cancel, source=checkpoint):
-        preview = None
-        if event.preview is not None:
-            previews.append(sessions.output_path(session, "text-preview", ".png"))
-            from PIL import Image
-
-            Image.fromarray(views_strip(event.preview)).save(previews[-1])
-            for old in previews[:-PREVIEWS_KEPT]:
-                old.unlink(missing_ok=True)
-            del previews[:-PREVIEWS_KEPT]
-            preview = previews[-1]
+        preview = previews.save(views_strip(event.preview)) if event.preview is not None else None
         if isinstance(event.result, TextTo3DResult):
-            result = event.result
-            glb = result.save_glb(sessions.output_path(session, f"{stem}-step-{result.extras['steps_done']}", ".glb"))
-            yield Progress(event.stage, event.fraction, event.message, result=glb,
-                           metrics={**(event.metrics or {}), "result": result})
+            stem = f"text-{seed}-step-{event.result.extras['steps_done']}"
+            glb = event.result.save_glb(sessions.output_path(session, stem, ".glb"))
+            yield Progress(event.stage, event.fraction, event.message, result=glb, metrics=event.metrics)
         else:
             yield Progress(event.stage, event.fraction, event.message, preview=preview, metrics=event.metrics)
 
@@ -298,8 +301,6 @@ def text_job(service: ModelService, sessions, session: str, checkpoint: str, pro
 def quick_look_job(service: ModelService, sessions, session: str, checkpoint: str, prompt: str, negative_prompt: str,
                    seed: int, cancel) -> Iterator[Progress]:
     """Four views of what the prior imagines for the prompt (plain DDIM); the last event's result is a PNG path."""
-    from PIL import Image
-
     yield Progress("load", 0.0, "Loading MVDream")
     pipe = service.text_to_3d(checkpoint)
     steps = QUICK_LOOK_STEPS if service.device.type != "cpu" else QUICK_LOOK_STEPS_CPU
@@ -309,5 +310,5 @@ def quick_look_job(service: ModelService, sessions, session: str, checkpoint: st
             yield event
             continue
         path = sessions.output_path(session, "quick-look", ".png")
-        Image.fromarray(views_strip(event.result)).save(path)
+        views_strip(event.result).save(path)
         yield Progress("done", 1.0, "four views sampled", result=path)

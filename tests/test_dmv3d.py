@@ -250,12 +250,12 @@ def test_cli_sample_writes_one_glb_per_seed_and_refuses_bad_seeds(tmp_path):
     assert "Traceback" not in bad.stderr
 
 
-def test_preview_grid_puts_samples_in_rows_and_views_in_columns():
-    from recon3d.pipelines.sample_3d import preview_grid
+def test_views_grid_puts_samples_in_rows_and_views_in_columns():
+    from recon3d.images import views_grid
 
     views = torch.ones(2, 3, 3, 4, 4)  # 2 samples x 3 views, white
     views[1, 2] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]  # sample 1, view 2: red
-    grid = np.asarray(preview_grid(views, size=8))
+    grid = np.asarray(views_grid(views, size=8))
     assert grid.shape == (2 * 8, 3 * 8, 3)
     assert (grid[8:, 16:] == [255, 0, 0]).all() and (grid[:8] == 255).all() and (grid[8:, :16] == 255).all()
 

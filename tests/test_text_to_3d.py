@@ -275,3 +275,18 @@ def test_eta_counts_each_resolution_phase_at_its_own_speed():
     assert remaining_seconds(options, 2, {64: [1.0, 1.0]}, 64) == 8.0  # the 256 px speed is not known yet
     assert remaining_seconds(options, 6, {64: [1.0] * 5, 256: [3.0]}, 256) == 12.0  # not the mean over all steps
     assert remaining_seconds(options, 3, {64: [2.0] * 3, 256: [5.0]}, 64) == 2 * 2.0 + 5 * 5.0
+
+
+def test_service_job_records_the_preset_or_custom_and_keeps_two_previews(tmp_path):
+    from recon3d.cancel import NEVER
+    from recon3d.service import RANDOM_MVDREAM, ModelService, ServiceSettings, text_job
+    from recon3d.sessions import Sessions
+
+    service, sessions = ModelService(ServiceSettings(random_weights=True)), Sessions(tmp_path)
+    for custom_steps, expected in ((None, "quality"), (3, "custom")):
+        options = replace(TINY, steps=3)  # the recipe as the app built it (here: tiny, 3 steps)
+        job = text_job(service, sessions, "visitor", RANDOM_MVDREAM, "a vase", "", "quality", custom_steps, options,
+                       1, SDSControl(), NEVER)
+        glb = run_to_end(job)
+        assert read_extras(glb)["preset"] == expected
+    assert len(list(tmp_path.rglob("text-preview*.png"))) == 4  # 3 previews per job, each job keeps its latest two

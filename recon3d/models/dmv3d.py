@@ -27,6 +27,7 @@ from ..hub import CheckpointError, PretrainedModel
 from ..render import RenderSettings, render_views
 from .dinov2 import Block
 from .lrm import PlaneDecoder, TriplaneTransformer, upsample_planes
+from .random_init import randomize_
 
 MODEL_TYPE = "dmv3d"
 
@@ -213,19 +214,8 @@ def new_dmv3d(cfg: DMV3DConfig, seed: int = 0) -> DMV3D:
     generator = torch.Generator().manual_seed(seed)
     with torch.device("meta"):
         model = DMV3D(cfg)
-    model = model.to_empty(device="cpu")
+    model = randomize_(model, generator, layer_scale=1.0, token_std=0.02)
     with torch.no_grad():
-        for name, param in model.named_parameters():
-            if name.endswith("bias"):
-                param.zero_()
-            elif name.endswith("gamma"):  # LayerScale
-                param.fill_(1.0)
-            elif param.dim() == 1:  # LayerNorm weights
-                param.fill_(1.0)
-            elif name in ("pos_embed", "plane_tokens"):
-                param.copy_(torch.randn(param.shape, generator=generator) * 0.02)
-            else:
-                param.copy_(torch.randn(param.shape, generator=generator) / param[0].numel() ** 0.5)
         for layer in model.transformer.layers:
             layer.zero_init_modulation()
     return model

@@ -6,10 +6,11 @@ import torch
 
 
 @torch.no_grad()
-def randomize_(model: torch.nn.Module, generator: torch.Generator) -> torch.nn.Module:
+def randomize_(model: torch.nn.Module, generator: torch.Generator, layer_scale: float = 0.1,
+               token_std: float = 1.0) -> torch.nn.Module:
     """Fill every parameter of ``model`` in place from ``generator`` (never the global RNG), so a seed always
-    gives the same model: biases 0, LayerScale gammas 0.1, other vectors (norm weights) 1, embeddings N(0, 1),
-    matrices and kernels N(0, 1 / fan_in). Parameters on the meta device are first given CPU storage (buffers
+    gives the same model: biases 0, LayerScale gammas ``layer_scale``, other vectors (norm weights) 1, token and
+    position tables (3-d parameters, nn.Embedding weights) N(0, token_std^2), matrices and kernels N(0, 1 / fan_in). Parameters on the meta device are first given CPU storage (buffers
     are left as they are: build with accelerate's ``init_empty_weights`` to keep them real)."""
     for module in model.modules():
         for name, param in list(module.named_parameters(recurse=False)):
@@ -20,11 +21,11 @@ def randomize_(model: torch.nn.Module, generator: torch.Generator) -> torch.nn.M
         if name.endswith("bias"):
             param.zero_()
         elif name.endswith("gamma"):
-            param.fill_(0.1)
+            param.fill_(layer_scale)
         elif param.dim() == 1:
             param.fill_(1.0)
         elif param.dim() == 3 or id(param) in embeddings:  # tokens, positions
-            param.copy_(torch.randn(param.shape, generator=generator))
+            param.copy_(torch.randn(param.shape, generator=generator) * token_std)
         else:
             param.copy_(torch.randn(param.shape, generator=generator) / param[0].numel() ** 0.5)
     return model

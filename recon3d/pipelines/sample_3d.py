@@ -235,15 +235,5 @@ def comparison_grid(planes: list[torch.Tensor], model: DMV3D, angles_deg=(0.0, 9
     return Image.fromarray((grid.cpu().numpy() * 255 + 0.5).astype("uint8"))
 
 
-def preview_grid(views: torch.Tensor, size: int = 96) -> Image.Image:
-    """x0 views (B, V, 3, H, W) in [0, 1] as one image: one row per sample, one column per view, each view
-    scaled to ``size`` pixels (nearest: the model's own pixels, not smoothed)."""
-    b, v = views.shape[:2]
-    tiles = torch.nn.functional.interpolate(views.float().flatten(0, 1).clamp(0, 1), size=(size, size),
-                                            mode="nearest")  # (B*V, 3, S, S)
-    grid = tiles.reshape(b, v, 3, size, size).permute(0, 3, 1, 4, 2).reshape(b * size, v * size, 3)
-    return Image.fromarray((grid.cpu().numpy() * 255 + 0.5).astype("uint8"))
-
-
-__all__ = ["Sample", "Sample3D", "SampleOptions", "StepPreview", "comparison_grid", "parse_seeds", "preview_grid",
+__all__ = ["Sample", "Sample3D", "SampleOptions", "StepPreview", "comparison_grid", "parse_seeds",
            "run_to_end"]

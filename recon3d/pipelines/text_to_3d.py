@@ -13,11 +13,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Iterator
 
-import numpy as np
 import torch
 
 from ..cameras import orbit_camera
 from ..cancel import NEVER, CancelToken
+from ..images import views_grid
 from ..mesh import EmptyMeshError, Mesh, MeshSettings, extract_mesh
 from ..models.mvdream import MVDreamParts, camera_condition, load_parts, random_parts
 from .progress import Progress
@@ -235,7 +235,6 @@ def export_state(state: SDSState, options: SDSOptions, extras: dict, previews: t
     return TextTo3DResult(mesh, extras, previews, list(state.losses), state.field)
 
 
-def views_strip(views: torch.Tensor) -> np.ndarray:
-    """Views (V, S, S, 3) in [0, 1] -> one uint8 image (S, V*S, 3), side by side."""
-    return (views.clamp(0, 1).permute(1, 0, 2, 3).reshape(views.shape[1], -1, 3) * 255).round().byte().numpy()
-
+def views_strip(views: torch.Tensor) -> "Image.Image":
+    """Views (V, S, S, 3) in [0, 1], as the previews and the quick look give them, side by side in one image."""
+    return views_grid(views.permute(0, 3, 1, 2)[None])
