@@ -56,6 +56,7 @@ def make_sampler(config: str, device: torch.device, dtype: torch.dtype, demo_che
 
 def time_run(sampler, seeds: list[int], steps: int, resolution: int) -> dict:
     """Seconds to denoise and to mesh ``seeds`` from the duck, synchronised."""
+    from recon3d.pipelines.events import Preview
     from recon3d.pipelines.progress import synchronize
     from recon3d.pipelines.sample_3d import SampleOptions
 
@@ -65,7 +66,7 @@ def time_run(sampler, seeds: list[int], steps: int, resolution: int) -> dict:
     start = time.perf_counter()
     denoised = None
     for event in sampler.run(str(DUCK), options):
-        if event.stage == "denoise":
+        if isinstance(event, Preview):  # one per denoising step
             synchronize(sampler.device)
             denoised = time.perf_counter()
     synchronize(sampler.device)

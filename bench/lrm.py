@@ -25,16 +25,18 @@ import resource
 import statistics
 import subprocess
 import tempfile
+import sys
 import time
 from pathlib import Path
 
 import torch
 
-from recon3d import ImageTo3D, ImageTo3DOptions
-from recon3d.mesh import MIN_RESOLUTION, EmptyMeshError, coarse_to_fine_grid
-from recon3d.models.lrm import PUBLISHED_CONFIGS, TINY_CONFIG, LRMConfig
-
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))  # a clone's recon3d, installed or not (every bench script imports this one)
+
+from recon3d import ImageTo3D, ImageTo3DOptions, run_to_end  # noqa: E402
+from recon3d.mesh import MIN_RESOLUTION, EmptyMeshError, coarse_to_fine_grid  # noqa: E402
+from recon3d.models.lrm import PUBLISHED_CONFIGS, TINY_LRM_CONFIG, LRMConfig  # noqa: E402
 STAGES = ("preprocess", "remove_background", "encoder", "transformer", "grid_queries", "marching_cubes", "vertex_colors", "glb_write")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 OOM_ERRORS = (torch.OutOfMemoryError, MemoryError)
@@ -49,7 +51,7 @@ WARMUP_RESOLUTION = MIN_RESOLUTION
 def load_config(size: str) -> tuple[LRMConfig, str]:
     """The published config of ``size`` (small, base, large) or the tiny test config, and its name."""
     if size == "tiny":
-        return TINY_CONFIG, "recon3d.models.lrm.TINY_CONFIG"
+        return TINY_LRM_CONFIG, "recon3d.models.lrm.TINY_LRM_CONFIG"
     if size not in PUBLISHED_CONFIGS:
         raise SystemExit(f"unknown size {size!r}: expected one of tiny, {', '.join(PUBLISHED_CONFIGS)}")
     return PUBLISHED_CONFIGS[size], f"recon3d.models.lrm.PUBLISHED_CONFIGS[{size!r}]"
@@ -158,8 +160,7 @@ def run_once(pipe: ImageTo3D, image: str, resolution: int, workdir: Path, remove
                                density_threshold=None)
     with MemoryMeter(pipe.device) as meter:
         start, result = time.perf_counter(), None
-        for event in pipe.run(image, options):
-            result = event.result or result
+        result = run_to_end(pipe.run(image, options))
         glb_start = time.perf_counter()
         glb = result.save_glb(workdir / f"bench-{resolution}.glb")
         end = time.perf_counter()

@@ -41,6 +41,7 @@ Results go to a table and ``bench/results/sds-field-cpu.json``.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
 import statistics
 import sys
@@ -57,6 +58,7 @@ from lrm import format_table, machine_info, write_report  # noqa: E402  (bench/l
 
 from recon3d.field import Field, NeuralTriplaneField, PointField  # noqa: E402
 from recon3d.mesh import EmptyMeshError, MeshSettings, extract_mesh  # noqa: E402
+from recon3d.pipelines.events import Finished, StepReport  # noqa: E402
 from recon3d.pipelines.sds import BackgroundNetwork, SDSOptions, SDSState, optimise  # noqa: E402
 from recon3d.render import RenderSettings, render_views  # noqa: E402
 
@@ -209,13 +211,15 @@ class Run:
     def step(self) -> dict | None:
         """One SDS step (None when the run has ended); its wall and process CPU seconds are recorded."""
         wall, cpu, prior = time.perf_counter(), time.process_time(), self.prior.seconds
-        progress = next(self.progress)
-        if progress.stage != "sds":
+        event = next(self.progress)
+        while not isinstance(event, (StepReport, Finished)):  # (previews, exports: not steps)
+            event = next(self.progress)
+        if isinstance(event, Finished):
             return None
         self.wall.append(time.perf_counter() - wall)
         self.cpu.append(time.process_time() - cpu)
         self.prior_wall.append(self.prior.seconds - prior)
-        self.metrics = progress.metrics
+        self.metrics = dataclasses.asdict(event)
         return self.metrics
 
     def timing(self, skip: int = 0) -> dict:

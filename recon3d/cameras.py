@@ -36,6 +36,8 @@ from dataclasses import dataclass
 
 import torch
 
+from .noise import rand_tensor
+
 LRM_SOURCE_DISTANCE = 2.0
 LRM_SOURCE_FX = 0.75  # normalised focal length of the LRM source camera (fov 67.4 deg)
 
@@ -169,7 +171,7 @@ def sample_orbit_cameras(groups: int, views: int, generator: torch.Generator,
     object of radius 1 fills about the same share of the image whatever the field of view.
     """
     device = generator.device if device is None else device
-    u = torch.rand((groups, 4), generator=generator, device=generator.device).to(device)  # (N, 4)
+    u = rand_tensor((groups, 4), generator, device)  # (N, 4), drawn on the generator's device
 
     def uniform(column: int, low_high: tuple[float, float]) -> torch.Tensor:
         low, high = low_high

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from importlib.resources import files
 from pathlib import Path
 
 
@@ -21,7 +22,7 @@ OPENLRM_CHECKPOINTS = [
 DEFAULT_LRM = "zxhezexin/openlrm-mix-base-1.1"
 
 # DMV3D: no public weights exist; recon3d ships a small model trained on procedural shapes only.
-DEMO_DMV3D = Path(__file__).resolve().parents[1] / "assets" / "checkpoints" / "dmv3d-demo"
+DEMO_DMV3D_FOLDER = "dmv3d-demo"
 DEMO_DMV3D_LABEL = "recon3d DMV3D demo (trained on procedural shapes only)"
 DEMO_DMV3D_ID = "recon3d/dmv3d-demo"  # how the app's dropdown and the GLBs name it (never a server path)
 
@@ -29,3 +30,18 @@ DEMO_DMV3D_ID = "recon3d/dmv3d-demo"  # how the app's dropdown and the GLBs name
 # MVDream/MVDream works too, from the CLI or --mvdream).
 MVDREAM_CHECKPOINTS = [CheckpointInfo("ashawkey/mvdream-sd2.1-diffusers", "MVDream SD 2.1 4-view",
                                       "CreativeML OpenRAIL-M")]
+
+
+def shipped_checkpoint(name: str) -> Path:
+    """The folder of a checkpoint shipped with recon3d: package data of an installed recon3d
+    (``recon3d/assets/checkpoints/NAME``, put there by the wheel build), else ``assets/checkpoints/NAME`` of the
+    source tree this module runs from (a clone)."""
+    installed = Path(str(files("recon3d"))) / "assets" / "checkpoints" / name
+    if installed.is_dir():
+        return installed
+    return Path(__file__).resolve().parents[1] / "assets" / "checkpoints" / name
+
+
+def demo_dmv3d() -> Path:
+    """The shipped DMV3D demo model's folder (config.json, model.safetensors, its model card)."""
+    return shipped_checkpoint(DEMO_DMV3D_FOLDER)

@@ -6,7 +6,9 @@ dtype. ``query`` is differentiable: gradients reach whatever parameterises the f
 decoder weights); inference entry points (pipelines, mesh export) switch gradients off, fields never do.
 A field also states how finely it must be sampled (``sample_spacing``, world units) and the density of its
 surface (``iso_level``; None when uncalibrated), so the mesher assumes neither. Triplane models (LRM, DMV3D),
-dense grids (SDS) and analytic test objects (:class:`PointField`) all end in one.
+the optimised neural triplane of score distillation (:class:`NeuralTriplaneField`), dense grids
+(:class:`GridField`: tests, the field comparison in bench/sds_field.py) and analytic test objects
+(:class:`PointField`) all end in one.
 """
 
 from __future__ import annotations
@@ -15,6 +17,8 @@ from typing import Callable
 
 import torch
 import torch.nn.functional as F
+
+from .noise import randn_tensor
 
 # (planes (N, 3, C, H, W), points (N, P, 3)) -> (density (N, P, 1), rgb (N, P, 3))
 PlaneDecoder = Callable[[torch.Tensor, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
@@ -189,10 +193,10 @@ class NeuralTriplaneField(torch.nn.Module, Field):
     def __init__(self, generator: torch.Generator, resolution: int = 128, channels: int = 16, hidden: int = 64,
                  blob_density: float = 10.0, blob_radius: float = 0.5, iso_level: float | None = 5.0):
         torch.nn.Module.__init__(self)
-        self.planes = torch.nn.Parameter(0.1 * torch.randn((1, 3, channels, resolution, resolution), generator=generator))
-        self.hidden = torch.nn.Parameter(torch.randn((3 * channels, hidden), generator=generator) / (3 * channels) ** 0.5)
+        self.planes = torch.nn.Parameter(0.1 * randn_tensor((1, 3, channels, resolution, resolution), generator))
+        self.hidden = torch.nn.Parameter(randn_tensor((3 * channels, hidden), generator) / (3 * channels) ** 0.5)
         self.hidden_bias = torch.nn.Parameter(torch.zeros(hidden))
-        self.out = torch.nn.Parameter(torch.randn((hidden, 4), generator=generator) / hidden ** 0.5)
+        self.out = torch.nn.Parameter(randn_tensor((hidden, 4), generator) / hidden ** 0.5)
         self.out_bias = torch.nn.Parameter(torch.zeros(4))
         self.blob_density, self.blob_radius, self.iso_level = blob_density, blob_radius, iso_level
 

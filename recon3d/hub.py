@@ -66,16 +66,17 @@ def _from_folder(folder: Path, source: str) -> CheckpointFiles:
     weights = next((folder / name for name in WEIGHT_FILES if (folder / name).is_file()), None)
     if not config_path.is_file() or weights is None:
         raise CheckpointError(f"{source}: a checkpoint folder needs config.json and one of {', '.join(WEIGHT_FILES)}")
-    return CheckpointFiles(source, _read_config(config_path, source), weights)
+    return CheckpointFiles(source, read_json(config_path, source), weights)
 
 
-def _read_config(path: Path, source: str) -> dict:
+def read_json(path: Path, source: str) -> dict:
+    """A checkpoint's JSON file (config.json, unet/config.json, ...) as a dict, or a CheckpointError naming it."""
     try:
-        config = json.loads(path.read_text())
+        config = json.loads(Path(path).read_text())
     except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{source}: config.json is not valid JSON ({exc})") from None
+        raise CheckpointError(f"{source}: {Path(path).name} is not valid JSON ({exc})") from None
     if not isinstance(config, dict):
-        raise CheckpointError(f"{source}: config.json must hold a JSON object")
+        raise CheckpointError(f"{source}: {Path(path).name} must hold a JSON object")
     return config
 
 
@@ -85,7 +86,7 @@ def _from_hub(repo_id: str, revision: str | None, offline: bool | None) -> Check
     local_only = constants.HF_HUB_OFFLINE if offline is None else offline
     config_path = _download(repo_id, "config.json", revision, local_only)
     weights, _ = _first_available(repo_id, WEIGHT_FILES, revision, local_only)
-    return CheckpointFiles(repo_id, _read_config(config_path, repo_id), weights, revision)
+    return CheckpointFiles(repo_id, read_json(config_path, repo_id), weights, revision)
 
 
 def _first_available(repo_id: str, names: tuple[str, ...], revision: str | None, local_only: bool) -> tuple[Path, str]:

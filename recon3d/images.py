@@ -17,13 +17,15 @@ from typing import Union
 import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .options import Limit
+
 log = logging.getLogger(__name__)
 
 ImageInput = Union[str, Path, bytes, Image.Image, np.ndarray]
 
 MAX_PIXELS = 40_000_000  # 40 MP: more than any phone photo, far less than a decompression bomb
 MIN_SIDE = 32
-FOREGROUND_RATIO_RANGE = (0.5, 1.0)  # the object's longer side as a fraction of the square input
+FOREGROUND_RATIO = Limit("foreground ratio", 0.5, 1.0)  # the object's longer side as a fraction of the square input
 SUPPORTED_FORMATS = ("PNG", "JPEG", "WEBP")
 
 
@@ -170,10 +172,7 @@ def foreground_bbox(alpha: np.ndarray, threshold: int = 128) -> tuple[int, int, 
 
 
 def check_foreground_ratio(foreground_ratio: float) -> float:
-    low, high = FOREGROUND_RATIO_RANGE
-    if not low <= foreground_ratio <= high:
-        raise ValueError(f"foreground ratio must be between {low:g} and {high:g}, got {foreground_ratio:g}")
-    return foreground_ratio
+    return FOREGROUND_RATIO.check(foreground_ratio)
 
 
 def recentre(image: Image.Image, foreground_ratio: float, size: int) -> Image.Image:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 import struct
 import time
-from dataclasses import dataclass, field as dataclass_field
+from dataclasses import dataclass, field as dataclass_field, replace
 from pathlib import Path
 
 import numpy as np
@@ -22,8 +22,11 @@ import torch.nn.functional as F
 from .cameras import world_to_gltf
 from .cancel import NEVER, CancelToken
 from .field import Field, as_field
+from .options import Limit
 
-MIN_RESOLUTION, MAX_RESOLUTION = 64, 512
+RESOLUTION = Limit("mesh resolution", 64, 512, whole=True)  # points per axis of the density grid
+MIN_RESOLUTION, MAX_RESOLUTION = int(RESOLUTION.low), int(RESOLUTION.high)
+CPU_RESOLUTION, GPU_RESOLUTION = 128, 256  # the default on each kind of device: on a CPU, 256^3 takes minutes
 
 
 @dataclass
@@ -66,9 +69,12 @@ class Mesh:
 
 
 def check_resolution(resolution: int) -> int:
-    if not MIN_RESOLUTION <= int(resolution) <= MAX_RESOLUTION:
-        raise ValueError(f"mesh resolution must be between {MIN_RESOLUTION} and {MAX_RESOLUTION}, got {resolution}")
-    return int(resolution)
+    return RESOLUTION.check(resolution)
+
+
+def default_resolution(device: torch.device | str) -> int:
+    """The mesh resolution a job gets on ``device`` unless it asks for another (the device budget)."""
+    return CPU_RESOLUTION if torch.device(device).type == "cpu" else GPU_RESOLUTION
 
 
 def grid_points(index: torch.Tensor, resolution: int) -> torch.Tensor:
@@ -330,3 +336,19 @@ def extract_mesh(field: Field, settings: MeshSettings | None = None, timings: di
     colors = vertex_colors(field, vertices, settings.chunk, cancel)
     timings["vertex_colors"] = time.perf_counter() - start
     return Mesh(vertices, faces, colors), grid
+
+
+def extract_mesh_or_fallback(field: Field, settings: MeshSettings | None = None, timings: dict | None = None,
+                             cancel: CancelToken = NEVER) -> tuple[Mesh, DensityGrid, str | None]:
+    """:func:`extract_mesh`, and when the field has no surface at its level (an early state, an odd sample),
+    the mesh at an automatic level instead, with a note saying so (None when the level held)."""
+    settings = settings or MeshSettings()
+    try:
+        mesh, grid = extract_mesh(field, settings, timings, cancel)
+        return mesh, grid, None
+    except EmptyMeshError:
+        level = as_field(field).iso_level if settings.level == FIELD_LEVEL else settings.level
+        if level is None:
+            raise
+        mesh, grid = extract_mesh(field, replace(settings, level=None), timings, cancel)
+        return mesh, grid, f"no surface at density {level:g}: meshed at an automatic level ({grid.stats['level']:.3g})"

@@ -41,8 +41,10 @@ from typing import Callable, Sequence
 
 import torch
 
-from .cameras import camera_rays
+from .cameras import camera_rays, intrinsics_from_fov, orbit_camera
+from .cancel import NEVER, CancelToken
 from .field import Field, as_field
+from .noise import rand_tensor
 
 # A constant colour (3,), a colour per ray (N, R, 3) (render_views also takes one per image, (N, V, 3)),
 # or a function of unit ray directions (N, R, 3) -> colours (N, R, 3) (SDS's background network).
@@ -78,10 +80,7 @@ def stratified_depths(near: torch.Tensor, far: torch.Tensor, n: int,
     if generators is None:
         u = torch.full((*near.shape, n), 0.5, device=near.device)
     else:
-        if len(generators) != near.shape[0]:
-            raise ValueError(f"one generator per object: got {len(generators)} for {near.shape[0]} objects")
-        u = torch.stack([torch.rand((*near.shape[1:], n), generator=g, device=g.device).to(near.device)
-                         for g in generators])  # (N, R, n)
+        u = rand_tensor((*near.shape, n), list(generators), near.device)  # (N, R, n): row k from generators[k]
     frac = lower + width * u
     return near[..., None] + (far - near)[..., None] * frac
 
@@ -215,3 +214,20 @@ def render_view(field: Field, c2w: torch.Tensor, intrinsics: torch.Tensor, size:
     field's device."""
     out = render_views(field, c2w[None, None], intrinsics, size, size, settings)
     return {k: t[0, 0] for k, t in out.items()}
+
+
+@torch.no_grad()
+def render_orbit(field: Field, azimuths_deg: Sequence[float], elevation_deg: float, distance: float, fov_deg: float,
+                 size: int, settings: RenderSettings | None = None, cancel: CancelToken = NEVER) -> torch.Tensor:
+    """Every object of ``field`` seen from cameras on one orbit around the origin (looking at it, z up), one
+    azimuth at a time (``cancel`` is checked between them): rgb (N, A, size, size, 3) in [0, 1] on the CPU.
+    The turntable, the samples' comparison image and the SDS previews are all such orbits."""
+    field = as_field(field)
+    intrinsics = intrinsics_from_fov(fov_deg, field.device)  # (4,)
+    views = []
+    for azimuth in azimuths_deg:
+        cancel.check()
+        c2w = orbit_camera(float(azimuth), elevation_deg, distance, field.device)  # (4, 4)
+        c2w = c2w.expand(field.num_objects, 1, 4, 4)
+        views.append(render_views(field, c2w, intrinsics, size, size, settings)["rgb"].clamp(0, 1).cpu())
+    return torch.cat(views, 1)  # (N, A, S, S, 3)

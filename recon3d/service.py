@@ -1,12 +1,13 @@
 """What a long-running front end (the app) needs around the pipelines: which checkpoints to offer, whether the
-Hub is reachable (decided once, at start), and a small cache of loaded pipelines. No UI code here.
+Hub is reachable (decided once, at start), a small cache of loaded pipelines, and each kind of visitor job,
+which runs a pipeline and writes its files into the visitor's private folder (:class:`~recon3d.sessions.Sessions`).
+Jobs yield the pipelines' typed events, with the files they wrote as events of their own (:class:`PreviewFile`,
+:class:`SampleShown`, :class:`MeshFile`). No UI code and no page text here: the app turns events into widgets.
 """
 
 from __future__ import annotations
 
-import gc
 import hashlib
-import json
 import threading
 from collections import OrderedDict
 from dataclasses import dataclass
@@ -15,27 +16,23 @@ from typing import Iterator
 
 import torch
 
-from .checkpoints import DEMO_DMV3D, DEMO_DMV3D_ID, DEMO_DMV3D_LABEL, MVDREAM_CHECKPOINTS, OPENLRM_CHECKPOINTS
+from .checkpoints import DEMO_DMV3D_ID, DEMO_DMV3D_LABEL, MVDREAM_CHECKPOINTS, OPENLRM_CHECKPOINTS, demo_dmv3d
 from .hub import CheckpointError, hub_reachable
-from .models.dmv3d import DEMO_CONFIG as DMV3D_DEMO_CONFIG
-from .models.lrm import PUBLISHED_CONFIGS, TINY_CONFIG
-from .pipelines.image_to_3d import ImageTo3D
-from .pipelines.progress import Progress
 from .images import views_grid
-from .pipelines.sample_3d import Sample, Sample3D, SampleOptions, StepPreview, comparison_grid
-from .pipelines.sds import SDSControl, SDSOptions, for_device
-from .pipelines.text_to_3d import TextTo3D, TextTo3DResult, options_for, views_strip
-
-CPU_DEFAULT_RESOLUTION = 128  # on a CPU, 256^3 takes minutes
-GPU_DEFAULT_RESOLUTION = 256
+from .models.dmv3d import DEMO_CONFIG as DMV3D_DEMO_CONFIG
+from .models.lrm import PUBLISHED_CONFIGS, TINY_LRM_CONFIG
+from .pipelines.events import Event, Exported, Finished, Preview, SampleReady, Stage
+from .pipelines.image_to_3d import ImageTo3D, ImageTo3DOptions, ImageTo3DResult
+from .pipelines.sample_3d import Sample3D, SampleOptions, comparison_grid
+from .pipelines.sds import SDSControl
+from .pipelines.text_to_3d import QuickLookOptions, TextTo3D, TextTo3DOptions, TextTo3DResult
 
 RANDOM_CHOICES = {
-    "random-tiny (random weights)": TINY_CONFIG,
+    "random-tiny (random weights)": TINY_LRM_CONFIG,
     "random-small (random weights, OpenLRM small shapes)": PUBLISHED_CONFIGS["small"],
 }
 RANDOM_DMV3D_CHOICES = {"random DMV3D (random weights, demo shapes)": DMV3D_DEMO_CONFIG}
 RANDOM_MVDREAM = "random MVDream (tiny, random weights)"
-QUICK_LOOK_STEPS, QUICK_LOOK_STEPS_CPU = 50, 20  # DDIM steps of the quick look (MVDream samples with 50)
 
 
 @dataclass
@@ -85,7 +82,7 @@ class ModelService:
         """(label, value) pairs for the Stochastic samples dropdown: the configured checkpoint, the shipped demo
         model (trained on procedural shapes only), and random weights when the app runs with them."""
         choices = [(f"{self.settings.dmv3d} (configured)", self.settings.dmv3d)] if self.settings.dmv3d else []
-        if (DEMO_DMV3D / "config.json").is_file():
+        if (demo_dmv3d() / "config.json").is_file():
             choices.append((DEMO_DMV3D_LABEL, DEMO_DMV3D_ID))
         if self.settings.random_weights or not choices:
             choices += [(name, name) for name in RANDOM_DMV3D_CHOICES]
@@ -136,10 +133,9 @@ class ModelService:
             raise CheckpointError(f"{name}: unknown DMV3D checkpoint")
         if name in RANDOM_DMV3D_CHOICES:
             return Sample3D.random(RANDOM_DMV3D_CHOICES[name], device=self.device, dtype=self.dtype)
-        location = DEMO_DMV3D if name == DEMO_DMV3D_ID else name
+        location = demo_dmv3d() if name == DEMO_DMV3D_ID else name
         # offline is the network's state: it also decides whether the background remover may fetch its model
         return Sample3D.from_pretrained(location, device=self.device, dtype=self.dtype, offline=self.offline, name=name)
-
 
     def _load_mvdream(self, name: str) -> TextTo3D:
         if name not in {value for _, value in self.mvdream_choices()}:  # never a path a visitor typed
@@ -149,62 +145,13 @@ class ModelService:
         return TextTo3D.from_pretrained(name, device=self.device, dtype=self.dtype, offline=self.offline)
 
 
-def default_resolution(device: torch.device) -> int:
-    return CPU_DEFAULT_RESOLUTION if torch.device(device).type == "cpu" else GPU_DEFAULT_RESOLUTION
+@dataclass(kw_only=True)
+class PreviewFile(Event):
+    """A job's preview image, written as a PNG for the page."""
 
-
-def load_cpu_costs(bench_json: str | Path) -> dict[str, dict[int, float]]:
-    """Image -> GLB seconds on a CPU per checkpoint size and mesh resolution, as bench/lrm.py recorded them
-    ({} when the file is missing or holds no CPU run)."""
-    try:
-        runs = json.loads(Path(bench_json).read_text())["runs"]
-    except (OSError, ValueError, KeyError):
-        return {}
-    costs: dict[str, dict[int, float]] = {}
-    for run in runs:
-        if run.get("status") == "ok" and run.get("device") == "cpu" and run.get("dtype") == "float32":
-            costs.setdefault(run["size"], {})[int(run["resolution"])] = float(run["seconds"]["total"])
-    return costs
-
-
-def cpu_cost_note(costs: dict[str, dict[int, float]]) -> str:
-    """One sentence for people: what a job costs on a CPU server at each resolution."""
-    if not costs:
-        return "On a CPU a job takes minutes at 256 and above."
-    parts = [f"{size}: " + ", ".join(f"{seconds:.0f} s at {resolution}" for resolution, seconds in sorted(c.items()))
-             for size, c in costs.items()]
-    return ("On this CPU server a job takes about " + "; ".join(parts) + " (bench/lrm.py on 2 cores with "
-            "random weights, whose noisy field makes meshing slower than for a real object).")
-
-
-def is_out_of_memory(error: BaseException) -> bool:
-    return isinstance(error, (torch.OutOfMemoryError, MemoryError))
-
-
-def free_device_memory() -> None:
-    """After an out-of-memory error: give cached GPU blocks back so the next job can start."""
-    gc.collect()
-    if torch.cuda.is_available():
-        torch.cuda.empty_cache()
-
-
-def image_job(service: ModelService, sessions, session: str, checkpoint: str, image_path: str, options,
-              cancel) -> Iterator[Progress]:
-    """One visitor's Image to 3D job, meant for a worker thread: load the checkpoint, run the pipeline, write the
-    GLB and the processed input into the visitor's folder. Progress events; the last carries
-    (pipeline, result, processed-image path, GLB path)."""
-    yield Progress("load", 0.0, "Loading the checkpoint")
-    pipe = service.image_to_3d(checkpoint)
-    for event in pipe.run(image_path, options, cancel):
-        if event.result is None:
-            yield event
-            continue
-        result = event.result
-        yield Progress("write", 0.97, "Writing the GLB")
-        glb = result.save_glb(sessions.output_path(session, Path(image_path).stem, ".glb"))
-        processed = sessions.output_path(session, "input", ".png")
-        result.processed_image.save(processed)
-        yield Progress("done", 1.0, event.message, result=(pipe, result, processed, glb))
+    path: Path
+    step: int
+    steps: int
 
 
 @dataclass
@@ -221,6 +168,51 @@ class ShownSample:
     note: str | None = None
 
 
+@dataclass(kw_only=True)
+class SampleShown(Event):
+    """One finished sample, its GLB written."""
+
+    sample: ShownSample
+
+
+@dataclass(kw_only=True)
+class MeshFile(Event):
+    """A Text to 3D mesh written as a GLB: an export requested mid-run (``final`` False) or the end state."""
+
+    path: Path
+    result: TextTo3DResult
+    final: bool
+
+
+@dataclass
+class ImageOutputs:
+    """What an Image to 3D job leaves: the result, the processed input and the GLB, both written."""
+
+    result: ImageTo3DResult
+    processed: Path
+    glb: Path
+    random_weights: bool
+
+
+def image_job(service: ModelService, sessions, session: str, checkpoint: str, image_path: str,
+              options: ImageTo3DOptions, cancel) -> Iterator[Event]:
+    """One visitor's Image to 3D job, meant for a worker thread: load the checkpoint, run the pipeline, write the
+    GLB and the processed input into the visitor's folder; ends with :class:`Finished` of :class:`ImageOutputs`."""
+    yield Stage(name="load", fraction=0.0, message="Loading the checkpoint")
+    pipe = service.image_to_3d(checkpoint)
+    for event in pipe.run(image_path, options, cancel):
+        if not isinstance(event, Finished):
+            yield event
+            continue
+        result: ImageTo3DResult = event.result
+        yield Stage(name="write", fraction=0.97, message="Writing the GLB")
+        glb = result.save_glb(sessions.output_path(session, Path(image_path).stem, ".glb"))
+        processed = sessions.output_path(session, "input", ".png")
+        result.processed_image.save(processed)
+        yield Finished(fraction=1.0, message=event.message,
+                       result=ImageOutputs(result, processed, glb, pipe.random_weights))
+
+
 def file_digest(path: str | Path) -> str:
     return hashlib.sha256(Path(path).read_bytes()).hexdigest()
 
@@ -232,83 +224,78 @@ class PreviewFiles:
     """A job's preview images on disk: each gets a fresh name (the page fetches it by URL) and all but the
     latest ``PREVIEWS_KEPT`` are deleted, so a long job leaves two files, not thousands."""
 
-    def __init__(self, sessions, session: str, stem: str):
-        self.sessions, self.session, self.stem, self.paths = sessions, session, stem, []
+    def __init__(self, sessions, session: str, stem: str, size: int | None = None):
+        self.sessions, self.session, self.stem, self.size, self.paths = sessions, session, stem, size, []
 
-    def save(self, image) -> Path:
-        """Write a PIL image; return its path."""
+    def save(self, preview: Preview) -> PreviewFile:
+        """Write the preview's views as one PNG (rows: objects, columns: views); the event for the page."""
         self.paths.append(self.sessions.output_path(self.session, self.stem, ".png"))
-        image.save(self.paths[-1])
+        views_grid(preview.views, size=self.size).save(self.paths[-1])
         for old in self.paths[:-PREVIEWS_KEPT]:
             old.unlink(missing_ok=True)
         del self.paths[:-PREVIEWS_KEPT]
-        return self.paths[-1]
+        return PreviewFile(fraction=preview.fraction, message=preview.message, path=self.paths[-1],
+                           step=preview.step, steps=preview.steps)
 
 
 def sample_job(service: ModelService, sessions, session: str, checkpoint: str, image_path: str,
-               options: SampleOptions, shown: list[ShownSample], cancel) -> Iterator[Progress]:
-    """One visitor's Stochastic samples job, meant for a worker thread. Progress events whose ``preview`` is the
-    path of a PNG of the current x0 views and whose ``result`` is a :class:`ShownSample` per finished seed; the
-    last event's result is the path of a comparison image of ``shown`` and the new samples together (which must
-    come from the same checkpoint)."""
-    yield Progress("load", 0.0, "Loading the checkpoint")
+               options: SampleOptions, shown: list[ShownSample], cancel) -> Iterator[Event]:
+    """One visitor's Stochastic samples job, meant for a worker thread: a :class:`PreviewFile` of the current x0
+    views at every step, a :class:`SampleShown` per finished seed, and :class:`Finished` with the path of a
+    comparison image of ``shown`` and the new samples together (which must come from the same checkpoint)."""
+    yield Stage(name="load", fraction=0.0, message="Loading the checkpoint")
     pipe = service.sample_3d(checkpoint)
-    samples, previews, digest = list(shown), PreviewFiles(sessions, session, "preview"), file_digest(image_path)
+    samples, previews, digest = list(shown), PreviewFiles(sessions, session, "preview", size=96), file_digest(image_path)
     for event in pipe.run(image_path, options, cancel):
-        if isinstance(event.preview, StepPreview):
-            path = previews.save(views_grid(event.preview.views, size=96))
-            yield Progress(event.stage, event.fraction, event.message, preview=path)
-        elif isinstance(event.result, Sample):
-            sample = event.result
+        if isinstance(event, Preview):
+            yield previews.save(event)
+        elif isinstance(event, SampleReady):
+            sample = event.sample
             glb = sample.save_glb(sessions.output_path(session, f"seed-{sample.seed}", ".glb"))
             notes = sample.metadata.get("notes")
             samples.append(ShownSample(sample.seed, sample.planes, glb, checkpoint, digest, pipe.random_weights,
                                        "; ".join(notes) if notes else None))
-            yield Progress(event.stage, event.fraction, event.message, result=samples[-1])
-        else:
+            yield SampleShown(fraction=event.fraction, message=event.message, sample=samples[-1])
+        elif not isinstance(event, Finished):
             yield event
-    cancel.check()
+    yield Stage(name="compare", fraction=1.0, message="Rendering the comparison")
     grid = sessions.output_path(session, "comparison", ".png")
-    comparison_grid([s.planes for s in samples], pipe.model).save(grid)
-    yield Progress("done", 1.0, f"{len(samples)} samples", result=grid)
+    comparison_grid([s.planes for s in samples], pipe.model, cancel=cancel).save(grid)
+    yield Finished(fraction=1.0, message=f"{len(samples)} samples", result=grid)
 
 
-def text_options(device: torch.device, preset: str, steps: int | None, guidance_scale: float | None) -> SDSOptions:
-    """The recipe of a preset as this server runs it (see :func:`~recon3d.pipelines.sds.for_device`)."""
-    return for_device(options_for(preset, steps, guidance_scale), device)
-
-
-def text_job(service: ModelService, sessions, session: str, checkpoint: str, prompt: str, negative_prompt: str,
-             preset: str, custom_steps: int | None, options: SDSOptions, seed: int, control: SDSControl,
-             cancel) -> Iterator[Progress]:
-    """One visitor's Text to 3D job, meant for a worker thread. Passes the SDS events on with ``preview`` as the
-    path of a PNG of the four views; each mesh (an export request, then the end) is written as a GLB whose path
-    comes as ``result``. ``custom_steps``: the visitor's own step count (None: the preset's)."""
-    yield Progress("load", 0.0, "Loading MVDream")
+def text_job(service: ModelService, sessions, session: str, checkpoint: str, prompt: str,
+             options: TextTo3DOptions, control: SDSControl, cancel) -> Iterator[Event]:
+    """One visitor's Text to 3D job, meant for a worker thread. Passes the SDS events on, previews as
+    :class:`PreviewFile`; each mesh (an export request, then the end) is written as a GLB and comes as a
+    :class:`MeshFile`; :class:`Finished` carries the last one."""
+    yield Stage(name="load", fraction=0.0, message="Loading MVDream")
     pipe = service.text_to_3d(checkpoint)
     previews = PreviewFiles(sessions, session, "text-preview")
-    for event in pipe.generate(prompt, negative_prompt, preset, custom_steps, seed, options.guidance_scale,
-                               options=options, control=control, cancel=cancel, source=checkpoint):
-        preview = previews.save(views_strip(event.preview)) if event.preview is not None else None
-        if isinstance(event.result, TextTo3DResult):
-            stem = f"text-{seed}-step-{event.result.extras['steps_done']}"
+    for event in pipe.generate(prompt, options, control=control, cancel=cancel, source=checkpoint):
+        if isinstance(event, Preview):
+            yield previews.save(event)
+        elif isinstance(event, (Exported, Finished)):
+            stem = f"text-{options.seed}-step-{event.result.extras['steps_done']}"
             glb = event.result.save_glb(sessions.output_path(session, stem, ".glb"))
-            yield Progress(event.stage, event.fraction, event.message, result=glb, metrics=event.metrics)
+            mesh = MeshFile(fraction=event.fraction, message=event.message, path=glb, result=event.result,
+                            final=isinstance(event, Finished))
+            yield mesh
+            if mesh.final:
+                yield Finished(fraction=1.0, message=event.message, result=mesh)
         else:
-            yield Progress(event.stage, event.fraction, event.message, preview=preview, metrics=event.metrics)
+            yield event
 
 
-def quick_look_job(service: ModelService, sessions, session: str, checkpoint: str, prompt: str, negative_prompt: str,
-                   seed: int, cancel) -> Iterator[Progress]:
-    """Four views of what the prior imagines for the prompt (plain DDIM); the last event's result is a PNG path."""
-    yield Progress("load", 0.0, "Loading MVDream")
+def quick_look_job(service: ModelService, sessions, session: str, checkpoint: str, prompt: str,
+                   options: QuickLookOptions, cancel) -> Iterator[Event]:
+    """Four views of what the prior imagines for the prompt (plain DDIM); :class:`Finished` with a PNG path."""
+    yield Stage(name="load", fraction=0.0, message="Loading MVDream")
     pipe = service.text_to_3d(checkpoint)
-    steps = QUICK_LOOK_STEPS if service.device.type != "cpu" else QUICK_LOOK_STEPS_CPU
-    for event in pipe.sample_views(prompt, negative_prompt, steps=steps, generator=torch.Generator().manual_seed(seed),
-                                   cancel=cancel):
-        if event.result is None:
+    for event in pipe.sample_views(prompt, options, cancel=cancel):
+        if not isinstance(event, Finished):
             yield event
             continue
         path = sessions.output_path(session, "quick-look", ".png")
-        views_strip(event.result).save(path)
-        yield Progress("done", 1.0, "four views sampled", result=path)
+        views_grid(event.result).save(path)
+        yield Finished(fraction=1.0, message="four views sampled", result=path)

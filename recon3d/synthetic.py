@@ -16,6 +16,8 @@ from pathlib import Path
 
 import torch
 
+from .noise import rand_tensor, randint, seeded
+
 KINDS = ("box", "sphere", "cylinder", "cone", "torus")
 DENSITY_PEAK = 60.0  # density inside; half of it at the surface, the iso-level for meshing
 SURFACE_WIDTH = 0.01  # density rises from 12% to 88% of the peak within +-2 widths of the surface
@@ -72,7 +74,7 @@ class ProceduralObject:
 
 
 def _uniform(generator: torch.Generator, low: float, high: float, n: int = 1) -> torch.Tensor:
-    return low + (high - low) * torch.rand(n, generator=generator)
+    return low + (high - low) * rand_tensor((n,), generator)
 
 
 def _rotation_about_z(angle: float) -> torch.Tensor:
@@ -81,22 +83,22 @@ def _rotation_about_z(angle: float) -> torch.Tensor:
 
 
 def random_part(generator: torch.Generator, kind: str | None = None, scale: float = 1.0) -> Part:
-    kind = kind or KINDS[int(torch.randint(len(KINDS), (1,), generator=generator))]
+    kind = kind or KINDS[randint(0, len(KINDS), generator)]
     size = {"box": _uniform(generator, 0.2, 0.5, 3), "sphere": _uniform(generator, 0.3, 0.55, 3),
             "cylinder": torch.cat([_uniform(generator, 0.2, 0.45), _uniform(generator, 0.25, 0.55), torch.zeros(1)]),
             "cone": torch.cat([_uniform(generator, 0.25, 0.5), _uniform(generator, 0.25, 0.55), torch.zeros(1)]),
             "torus": torch.cat([_uniform(generator, 0.3, 0.45), _uniform(generator, 0.08, 0.15), torch.zeros(1)])}[kind]
-    front, back = torch.rand(3, generator=generator), torch.rand(3, generator=generator)
+    front, back = rand_tensor((3,), generator), rand_tensor((3,), generator)
     rotation = _rotation_about_z(float(_uniform(generator, 0.0, 2 * math.pi)))
     return Part(kind, torch.zeros(3), size * scale, rotation, front, back)
 
 
 def random_object(generator: torch.Generator) -> ProceduralObject:
     """One part (60%) or two parts side by side or stacked (40%), inside the box [-0.8, 0.8]^3."""
-    if float(torch.rand(1, generator=generator)) < 0.6:
+    if float(rand_tensor((1,), generator)) < 0.6:
         return ProceduralObject([random_part(generator)])
     first, second = random_part(generator, scale=0.7), random_part(generator, scale=0.55)
-    axis = int(torch.randint(3, (1,), generator=generator))  # side by side along x or y, or stacked along z
+    axis = randint(0, 3, generator)  # side by side along x or y, or stacked along z
     offset = torch.zeros(3)
     offset[axis] = 0.3
     first.centre, second.centre = -offset, offset
@@ -160,7 +162,7 @@ def write_dataset(folder: str | Path, count: int, size: int = 64, seed: int = 0,
     (folder / "dataset.json").write_text(json.dumps({"format": FORMAT, "objects": count, "image_size": size,
                                                      "input_groups": layout.input_groups()}))
     for index in range(count):
-        generator = torch.Generator().manual_seed(seed * 1_000_003 + index)  # object k is the same in any run
+        generator = seeded(seed * 1_000_003 + index)  # object k is the same in any run
         obj = random_object(generator)
         c2w, intrinsics = layout.cameras(generator)
         write_object(folder / f"obj-{index:05d}", render_object(obj, c2w, intrinsics, size), c2w, intrinsics)

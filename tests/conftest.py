@@ -1,7 +1,6 @@
 """Shared fixtures. Tests never touch the network: the Hub is offline and its cache is a temporary folder."""
 
 import os
-import shutil
 import tempfile
 from pathlib import Path
 
@@ -23,23 +22,19 @@ TINY_COMMIT = "0123456789abcdef0123456789abcdef01234567"
 @pytest.fixture(scope="session")
 def tiny_checkpoint(tmp_path_factory) -> Path:
     """A tiny random LRM saved in Hub layout (config.json + model.safetensors)."""
-    from recon3d.models.lrm import TINY_CONFIG, random_lrm
+    from recon3d.models.lrm import TINY_LRM_CONFIG, random_lrm
 
     folder = tmp_path_factory.mktemp("tiny-lrm")
-    random_lrm(TINY_CONFIG, seed=0).save_pretrained(folder)
+    random_lrm(TINY_LRM_CONFIG, seed=0).save_pretrained(folder)
     return folder
 
 
 @pytest.fixture(scope="session")
 def tiny_repo_in_cache(tiny_checkpoint) -> str:
     """The tiny checkpoint placed in the Hub cache layout, so a repo id resolves offline."""
-    repo_dir = _CACHE / ("models--" + TINY_REPO.replace("/", "--"))
-    snapshot = repo_dir / "snapshots" / TINY_COMMIT
-    snapshot.mkdir(parents=True, exist_ok=True)
-    for name in ("config.json", "model.safetensors"):
-        shutil.copy(tiny_checkpoint / name, snapshot / name)
-    (repo_dir / "refs").mkdir(exist_ok=True)
-    (repo_dir / "refs" / "main").write_text(TINY_COMMIT)
+    from recon3d.testing import place_in_hub_cache
+
+    place_in_hub_cache(tiny_checkpoint, TINY_REPO, _CACHE, TINY_COMMIT)
     return TINY_REPO
 
 

@@ -3,6 +3,7 @@ import os
 import subprocess
 import sys
 
+import pytest
 from conftest import ROOT, glb_summary
 
 
@@ -12,6 +13,7 @@ def run_cli(*args, cwd):
                           capture_output=True, text=True, timeout=300)
 
 
+@pytest.mark.slow
 def test_many_images_one_call_refused_ones_reported_others_written(tiny_checkpoint, tmp_path):
     bad = tmp_path / "broken.png"
     bad.write_bytes(b"not really a png")
@@ -29,6 +31,7 @@ def test_many_images_one_call_refused_ones_reported_others_written(tiny_checkpoi
     assert "encoder" in summaries[0]["timings_s"]
 
 
+@pytest.mark.slow
 def test_all_good_inputs_exit_zero(tiny_checkpoint, tmp_path):
     proc = run_cli("image", ROOT / "examples" / "pawn.png", "-o", tmp_path, "--model", tiny_checkpoint,
                    "--resolution", 64, "--threshold", "auto", cwd=tmp_path)
@@ -36,6 +39,7 @@ def test_all_good_inputs_exit_zero(tiny_checkpoint, tmp_path):
     assert (tmp_path / "pawn.glb").stat().st_size > 1000
 
 
+@pytest.mark.slow
 def test_unavailable_checkpoint_is_one_clear_line_and_exit_2(tmp_path):
     proc = run_cli("image", ROOT / "examples" / "duck.png", "--model", "zxhezexin/openlrm-obj-small-1.1", "--offline",
                    cwd=tmp_path)
@@ -44,6 +48,7 @@ def test_unavailable_checkpoint_is_one_clear_line_and_exit_2(tmp_path):
     assert len(errors) == 1 and "not in the local cache" in errors[0] and "hf download" in errors[0]
 
 
+@pytest.mark.slow
 def test_bad_resolution_is_refused_before_loading(tmp_path):
     proc = run_cli("image", ROOT / "examples" / "duck.png", "--resolution", 9999, "--random-weights", cwd=tmp_path)
     assert proc.returncode == 2 and "between 64 and 512" in proc.stderr
@@ -62,7 +67,7 @@ def test_out_of_memory_on_one_input_is_reported_and_the_exit_code_is_1(monkeypat
     monkeypatch.setattr(cli, "load_pipeline", lambda args: Pipe())
     code = cli.main(["image", str(ROOT / "examples" / "duck.png"), "-o", str(tmp_path)])
     assert code == 1
-    assert "duck.png: out of memory: try a lower --resolution" in capsys.readouterr().err
+    assert "duck.png: refused: Out of memory: try a lower resolution" in capsys.readouterr().err
 
 
 def test_output_names_keep_inner_dots_and_number_duplicates():
@@ -74,6 +79,7 @@ def test_output_names_keep_inner_dots_and_number_duplicates():
     assert output_names(paths) == ["chair.front", "chair.back", "x", "x-2", "noext"]
 
 
+@pytest.mark.slow
 def test_bad_turntable_frames_and_devices_are_one_line_errors(tmp_path):
     proc = run_cli("image", ROOT / "examples" / "duck.png", "--random-weights", "--turntable-frames", 0, cwd=tmp_path)
     assert proc.returncode == 2 and "must be at least 1" in proc.stderr and "Traceback" not in proc.stderr
@@ -92,6 +98,7 @@ def test_device_policy_lives_at_the_edge():
     assert choose_device()[0] == expected
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_with_one_line_and_no_traceback(tiny_checkpoint, tmp_path):
     import signal
     import threading
@@ -117,6 +124,7 @@ def test_ctrl_c_stops_with_one_line_and_no_traceback(tiny_checkpoint, tmp_path):
     assert f"recon3d: interrupted; the finished outputs are in {tmp_path}" in text and "Traceback" not in text
 
 
+@pytest.mark.slow
 def test_text_writes_previews_and_a_glb_recording_how_it_was_made(tmp_path):
     import pygltflib
 
@@ -132,6 +140,7 @@ def test_text_writes_previews_and_a_glb_recording_how_it_was_made(tmp_path):
     assert json.loads(proc.stdout.splitlines()[-1])["steps_done"] == 2
 
 
+@pytest.mark.slow
 def test_text_ctrl_c_exports_the_state_reached(tmp_path):
     import signal
     import time
@@ -153,9 +162,51 @@ def test_text_ctrl_c_exports_the_state_reached(tmp_path):
     assert extras["stopped"] == "stop" and 1 <= extras["steps_done"] < 500
 
 
+@pytest.mark.slow
 def test_text_refuses_an_empty_prompt_and_an_unreachable_model_in_one_line(tmp_path):
     proc = run_cli("text", "  ", "--random-weights", cwd=tmp_path)
-    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("recon3d: error: type a prompt")
+    assert proc.returncode == 2 and proc.stderr.strip().splitlines()[-1].startswith("recon3d: error: Type a prompt")
     proc = run_cli("text", "a cup", "--model", "ashawkey/mvdream-sd2.1-diffusers", "--offline", cwd=tmp_path)
     assert proc.returncode == 2
     assert "recon3d: error: ashawkey/mvdream-sd2.1-diffusers is not in the local cache and offline mode is on" in proc.stderr
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["image", "x.png", "--resolution", "9999", "--random-weights"], 2,
+     "recon3d: error: Mesh resolution must be between 64 and 512, got 9999"),
+    (["image", "x.png", "--foreground-ratio", "0.1", "--random-weights"], 2,
+     "recon3d: error: Foreground ratio must be between 0.5 and 1, got 0.1"),
+    (["sample", "x.png", "--steps", "0", "--random-weights"], 2, "recon3d: error: Steps must be between 1 and 200, got 0"),
+    (["sample", "x.png", "--seeds", "3,3", "--random-weights"], 2, "recon3d: error: Each seed may appear once"),
+    (["text", "a cup", "--preset", "quality", "--steps", "5", "--random-weights"], 2,
+     "recon3d: error: The quality preset runs 10,000 steps; choose custom to set your own"),
+    (["text", "a cup", "--guidance", "500", "--random-weights"], 2,
+     "recon3d: error: Guidance scale must be between 0 and 200, got 500"),
+    (["text", " ", "--random-weights"], 2, "recon3d: error: Type a prompt"),
+    (["image", "x.png", "--random-weights", "--device", "bogus"], 2, "recon3d: error: Unknown device 'bogus'"),
+])
+def test_cli_refuses_options_with_the_librarys_sentence_before_loading(argv, code, message, capsys):
+    from recon3d import __main__ as cli
+
+    assert cli.main(argv) == code
+    err = capsys.readouterr().err
+    assert message in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_cli_text_steps_alone_mean_custom_and_the_recipe_is_the_librarys(monkeypatch, tmp_path, capsys):
+    from recon3d import __main__ as cli
+
+    seen = []
+
+    class Pipe:
+        parts = type("Parts", (), {"notes": []})()
+
+        def generate(self, prompt, options, control=None, source=None):
+            seen.append(options)
+            return iter(())
+
+    monkeypatch.setattr(cli, "load_text_pipeline", lambda args: Pipe())
+    assert cli.main(["text", "a cup", "--steps", "7", "--seed", "3", "-o", str(tmp_path)]) == 0
+    assert (seen[0].preset, seen[0].steps, seen[0].seed, seen[0].label) == ("custom", 7, 3, "custom")
+    assert seen[0].guidance_scale == 50.0  # the library's default, not restated by the CLI
+    assert cli.main(["text", "a cup", "-o", str(tmp_path)]) == 0 and seen[1].label == "fast"

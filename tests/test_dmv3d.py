@@ -11,9 +11,11 @@ import pytest
 import torch
 
 from recon3d.hub import CheckpointError
-from recon3d.models.dmv3d import (CONFIGS, DEMO_CONFIG, DMV3D, TINY_CONFIG, DMV3DConfig, align_to_first_view,
+from recon3d.models.dmv3d import (CONFIGS, DEMO_CONFIG, DMV3D, TINY_DMV3D_CONFIG, DMV3DConfig, align_to_first_view,
                                   canonical_views, new_dmv3d)
+from recon3d.pipelines.events import Finished, Preview, SampleReady
 from recon3d.pipelines.sample_3d import Sample3D, SampleOptions, comparison_grid, parse_seeds
+from recon3d.testing import place_in_hub_cache
 
 from conftest import ROOT, glb_summary
 
@@ -22,7 +24,7 @@ DUCK = ROOT / "examples" / "duck.png"
 
 def opened(seed=0):
     """A tiny DMV3D with its adaLN-Zero gates opened at random, so that every input reaches the planes."""
-    model = new_dmv3d(TINY_CONFIG, seed)
+    model = new_dmv3d(TINY_DMV3D_CONFIG, seed)
     generator = torch.Generator().manual_seed(seed + 1)
     with torch.no_grad():
         for layer in model.transformer.layers:
@@ -51,7 +53,7 @@ def test_shapes_and_the_x0_renders():
 
 
 def test_adaln_zero_starts_as_identity_and_every_input_matters_once_open():
-    fresh = new_dmv3d(TINY_CONFIG, 0).eval()
+    fresh = new_dmv3d(TINY_DMV3D_CONFIG, 0).eval()
     views, c2w, intrinsics, t = inputs()
     other_views = torch.rand_like(views) * 2 - 1
     assert torch.allclose(fresh(views, c2w, intrinsics, t), fresh(other_views, c2w, intrinsics, t))  # gates closed
@@ -70,10 +72,10 @@ def test_adaln_zero_starts_as_identity_and_every_input_matters_once_open():
 def test_text_embeddings_are_cross_attended_when_configured():
     model = opened()
     views, c2w, intrinsics, t = inputs()
-    text = torch.randn(2, 5, TINY_CONFIG.text_embed_dim)
+    text = torch.randn(2, 5, TINY_DMV3D_CONFIG.text_embed_dim)
     with_text = model(views, c2w, intrinsics, t, text)
     assert (with_text - model(views, c2w, intrinsics, t, text * -1)).abs().max() > 1e-4
-    image_only = new_dmv3d(DMV3DConfig(**{**TINY_CONFIG.to_dict(), "text_embed_dim": None}))
+    image_only = new_dmv3d(DMV3DConfig(**{**TINY_DMV3D_CONFIG.to_dict(), "text_embed_dim": None}))
     with pytest.raises(ValueError, match="no text conditioning"):
         image_only(views, c2w, intrinsics, t, text)
 
@@ -97,17 +99,13 @@ def test_checkpoint_round_trip_from_a_folder_and_a_hub_repo(tmp_path, monkeypatc
     model = opened(3)
     folder = model.save_pretrained(tmp_path / "dmv3d")
     config = json.loads((folder / "config.json").read_text())
-    assert config["model_type"] == "dmv3d" and DMV3DConfig.from_dict(config) == TINY_CONFIG
+    assert config["model_type"] == "dmv3d" and DMV3DConfig.from_dict(config) == TINY_DMV3D_CONFIG
     loaded = DMV3D.from_pretrained(folder)
     assert all(torch.equal(a, b) for a, b in zip(model.state_dict().values(), loaded.state_dict().values()))
     # the Hub cache layout: a repo id resolves offline through the same code path as the LRM
     from huggingface_hub import constants
 
-    repo = tmp_path / "hub" / "models--recon3d-test--tiny-dmv3d"
-    snapshot = repo / "snapshots" / ("a" * 40)
-    shutil.copytree(folder, snapshot)
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text("a" * 40)
+    place_in_hub_cache(folder, "recon3d-test/tiny-dmv3d", tmp_path / "hub", "a" * 40)
     monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
     from_hub = DMV3D.from_pretrained("recon3d-test/tiny-dmv3d", offline=True)
     assert torch.equal(from_hub.plane_tokens, model.plane_tokens)
@@ -116,7 +114,7 @@ def test_checkpoint_round_trip_from_a_folder_and_a_hub_repo(tmp_path, monkeypatc
 def test_wrong_checkpoints_are_refused_with_a_report(tmp_path, tiny_checkpoint):
     with pytest.raises(CheckpointError, match="not a DMV3D checkpoint"):
         DMV3D.from_pretrained(tiny_checkpoint)  # an LRM
-    folder = new_dmv3d(TINY_CONFIG).save_pretrained(tmp_path / "a")
+    folder = new_dmv3d(TINY_DMV3D_CONFIG).save_pretrained(tmp_path / "a")
     config = json.loads((folder / "config.json").read_text())
     (folder / "config.json").write_text(json.dumps({**config, "triplane_dim": 9}))
     with pytest.raises(CheckpointError, match="wrong shape.*upsampler"):
@@ -141,7 +139,7 @@ def sampler():
 def run_samples(pipe, seeds, steps=3, batch_size=4):
     events = list(pipe.run(DUCK, SampleOptions(seeds=seeds, steps=steps, mesh_resolution=64, batch_size=batch_size,
                                                remove_background=False)))
-    return events, [e.result for e in events if e.result is not None]
+    return events, [e.sample for e in events if isinstance(e, SampleReady)]
 
 
 def test_a_seed_repeats_alone_or_in_a_batch_and_seeds_differ(sampler):
@@ -159,12 +157,13 @@ def test_a_seed_repeats_alone_or_in_a_batch_and_seeds_differ(sampler):
 
 def test_sampler_streams_previews_keeps_the_condition_clean_and_exports_each_sample(sampler, tmp_path):
     events, samples = run_samples(sampler, [1, 2], steps=4)
-    previews = [e.preview for e in events if e.preview is not None]
-    assert [p.step for p in previews] == [0, 1, 2, 3] and previews[0].views.shape == (2, 4, 3, 16, 16)
+    previews = [e for e in events if isinstance(e, Preview)]
+    assert [p.step for p in previews] == [1, 2, 3, 4] and previews[0].views.shape == (2, 4, 3, 16, 16)
     condition = previews[0].views[:, 0]
     assert all(torch.allclose(p.views[:, 0], condition) for p in previews)  # view 0 is the clean input
     assert (condition < 0.99).any()  # ... and it shows the duck, not a blank
-    assert [e.stage for e in events][-2:] == ["sample", "sample"] and events[-1].fraction == 1.0
+    assert [type(e) for e in events][-3:] == [SampleReady, SampleReady, Finished] and events[-1].fraction == 1.0
+    assert events[-1].result == samples
     fractions = [e.fraction for e in events]
     assert fractions == sorted(fractions)  # the progress bar never goes back
     path = samples[1].save_glb(tmp_path / "seed-2.glb")
@@ -212,6 +211,7 @@ def test_training_a_tiny_model_makes_the_loss_fall_clearly(tmp_path):
     DMV3D.from_pretrained(tmp_path / "ckpt")  # the checkpoint loads as any other
 
 
+@pytest.mark.slow
 def test_two_processes_train_with_accelerate_and_resume(tmp_path):
     data, out = make_dataset(tmp_path / "data"), tmp_path / "ckpt"
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
@@ -233,6 +233,7 @@ def test_two_processes_train_with_accelerate_and_resume(tmp_path):
                                              remove_background=False)) == 1
 
 
+@pytest.mark.slow
 def test_cli_sample_writes_one_glb_per_seed_and_refuses_bad_seeds(tmp_path):
     checkpoint = opened(2).save_pretrained(tmp_path / "model")
     env = {**os.environ, "PYTHONPATH": str(ROOT)}
@@ -246,7 +247,7 @@ def test_cli_sample_writes_one_glb_per_seed_and_refuses_bad_seeds(tmp_path):
         glb_summary(tmp_path / "out" / f"seed-{seed}.glb")
     assert (tmp_path / "out" / "comparison.png").exists()
     bad = run("--seeds", "1,,x")
-    assert bad.returncode == 2 and "recon3d: error: seeds must be whole numbers" in bad.stderr
+    assert bad.returncode == 2 and "recon3d: error: Seeds must be whole numbers" in bad.stderr
     assert "Traceback" not in bad.stderr
 
 
@@ -264,7 +265,7 @@ def test_the_shipped_demo_model_beats_the_mean_shape_baseline_on_unseen_objects(
     """A small version of bench/dmv3d.py's quality run: objects of another seed than the training set's."""
     import importlib.util
 
-    from recon3d.checkpoints import DEMO_DMV3D
+    from recon3d.checkpoints import demo_dmv3d
     from recon3d.synthetic import write_dataset
 
     sys.path.insert(0, str(ROOT / "bench"))
@@ -272,7 +273,7 @@ def test_the_shipped_demo_model_beats_the_mean_shape_baseline_on_unseen_objects(
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
     heldout = write_dataset(tmp_path / "heldout", 6, size=32, seed=999)
-    quality = bench.evaluate(heldout, train_seed=1, baseline_objects=30, checkpoint=DEMO_DMV3D, steps=10, limit=6)
+    quality = bench.evaluate(heldout, train_seed=1, baseline_objects=30, checkpoint=demo_dmv3d(), steps=10, limit=6)
     model, baseline = quality["summary"]["model"], quality["summary"]["baseline"]
     assert quality["objects"] == 6 and quality["novel_views_per_object"] == 11
     assert model["psnr_db"] > baseline["psnr_db"] + 1.0, quality["summary"]

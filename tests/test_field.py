@@ -5,7 +5,7 @@ import torch
 
 from recon3d.cameras import lrm_source_camera
 from recon3d.field import GridField, PointField, TriplaneField, as_field, sample_triplane
-from recon3d.models.lrm import DENSITY_LEVEL, TINY_CONFIG, random_lrm
+from recon3d.models.lrm import DENSITY_LEVEL, TINY_LRM_CONFIG, random_lrm
 
 
 def ramp_planes(size=8):
@@ -55,7 +55,7 @@ def test_triplane_field_answers_for_each_object_and_checks_shape():
 def test_fields_state_their_sample_spacing_and_level():
     assert TriplaneField(ramp_planes(64), first_channels).sample_spacing == 2 / 64
     assert GridField(torch.zeros(1, 1, 33, 33, 33), torch.zeros(1, 3, 33, 33, 33)).sample_spacing == 2 / 32
-    assert random_lrm(TINY_CONFIG).field(ramp_planes()).iso_level == DENSITY_LEVEL == 3.0
+    assert random_lrm(TINY_LRM_CONFIG).field(ramp_planes()).iso_level == DENSITY_LEVEL == 3.0
     legacy = type("Legacy", (), {"query": lambda self, p: (p[:, :1], p), "iso_level": 2.0})()
     wrapped = as_field(legacy)
     assert isinstance(wrapped, PointField) and wrapped.iso_level == 2.0 and wrapped.sample_spacing == 2 / 64
@@ -79,7 +79,7 @@ def test_half_precision_planes_are_sampled_in_float32(dtype):
 def test_half_precision_lrm_field_is_finite_and_close(dtype):
     """The whole half-precision path on planes as the model makes them: channels-last, 64x64, 32 channels
     (the published small layout's planes, where CPU half-precision grid_sample reads garbage)."""
-    model = random_lrm(replace(TINY_CONFIG, triplane_low_res=32, triplane_dim=32), seed=2).to(dtype)
+    model = random_lrm(replace(TINY_LRM_CONFIG, triplane_low_res=32, triplane_dim=32), seed=2).to(dtype)
     images = torch.rand(2, 3, 56, 56, generator=torch.Generator().manual_seed(1)).to(dtype)
     planes = model.forward_planes(images, lrm_source_camera()[None].expand(2, 16).to(dtype))
     points = torch.rand(2, 4096, 3, generator=torch.Generator().manual_seed(2)) * 2 - 1
@@ -91,7 +91,7 @@ def test_half_precision_lrm_field_is_finite_and_close(dtype):
 
 
 def test_gradients_reach_planes_and_decoder_weights():
-    model = random_lrm(TINY_CONFIG, seed=1)
+    model = random_lrm(TINY_LRM_CONFIG, seed=1)
     planes = torch.randn(2, 3, 8, 16, 16, generator=torch.Generator().manual_seed(0), requires_grad=True)
     density, rgb = model.field(planes).query(torch.rand(2, 256, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1)
     (density.sum() + rgb.sum()).backward()

@@ -5,14 +5,14 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from recon3d.hub import CheckpointError, compare_state_dict, resolve_checkpoint
-from recon3d.models.lrm import LRM, TINY_CONFIG
+from recon3d.models.lrm import LRM, TINY_LRM_CONFIG
 
 
 def test_folder_and_repo_id_load_the_same_weights(tiny_checkpoint, tiny_repo_in_cache):
     saved = load_file(str(tiny_checkpoint / "model.safetensors"))
     for source in (tiny_checkpoint, tiny_repo_in_cache):
         model = LRM.from_pretrained(source)
-        assert model.config == TINY_CONFIG
+        assert model.config == TINY_LRM_CONFIG
         state = model.state_dict()
         assert state.keys() == saved.keys()
         assert all(torch.equal(state[k], saved[k]) for k in saved)
@@ -106,15 +106,12 @@ def test_revisions_resolve_through_the_cache(tiny_repo_in_cache):
 
 
 def test_cached_config_without_weights_offline_gives_the_download_hint(tmp_path, tiny_checkpoint):
-    import shutil
-
     from conftest import _CACHE
 
-    repo_dir = _CACHE / "models--recon3d-test--config-only"
-    snapshot = repo_dir / "snapshots" / ("f" * 40)
-    snapshot.mkdir(parents=True)
-    shutil.copy(tiny_checkpoint / "config.json", snapshot / "config.json")
-    (repo_dir / "refs").mkdir()
-    (repo_dir / "refs" / "main").write_text("f" * 40)
+    from recon3d.testing import place_in_hub_cache
+
+    (tmp_path / "config-only").mkdir()
+    (tmp_path / "config-only" / "config.json").write_bytes((tiny_checkpoint / "config.json").read_bytes())
+    place_in_hub_cache(tmp_path / "config-only", "recon3d-test/config-only", _CACHE, "f" * 40)
     with pytest.raises(CheckpointError, match="weights are not in the local cache.*hf download recon3d-test/config-only"):
         resolve_checkpoint("recon3d-test/config-only", offline=True)

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 
 from recon3d.cameras import lrm_source_camera
 from recon3d.models.dinov2 import DinoV2, ViTSpec
-from recon3d.models.lrm import LRM, PUBLISHED_CONFIGS, TINY_CONFIG, LRMConfig, ModLN, PlaneDecoder, random_lrm
+from recon3d.models.lrm import LRM, PUBLISHED_CONFIGS, TINY_LRM_CONFIG, LRMConfig, ModLN, PlaneDecoder, random_lrm
 
 MANIFESTS = Path(__file__).resolve().parent / "data" / "manifests"
 
@@ -79,7 +79,7 @@ def test_position_embedding_is_resampled_to_the_patch_grid(size, grid):
 
 
 def test_forward_planes_and_query_points_shapes_and_ranges():
-    model = random_lrm(TINY_CONFIG, seed=3)
+    model = random_lrm(TINY_LRM_CONFIG, seed=3)
     images, cams = torch.rand(2, 3, 56, 56), lrm_source_camera().expand(2, 16)
     planes = model.forward_planes(images, cams)
     assert planes.shape == (2, 3, 8, 16, 16)
@@ -91,7 +91,7 @@ def test_forward_planes_and_query_points_shapes_and_ranges():
 
 
 def test_camera_conditions_the_planes_and_seeds_reproduce():
-    a, b = random_lrm(TINY_CONFIG, seed=1), random_lrm(TINY_CONFIG, seed=1)
+    a, b = random_lrm(TINY_LRM_CONFIG, seed=1), random_lrm(TINY_LRM_CONFIG, seed=1)
     assert all(torch.equal(x, y) for x, y in zip(a.state_dict().values(), b.state_dict().values()))
     images = torch.rand(1, 3, 56, 56)
     near, far = a.forward_planes(images, lrm_source_camera(1.5)[None]), a.forward_planes(images, lrm_source_camera(2.5)[None])

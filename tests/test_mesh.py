@@ -77,7 +77,8 @@ class Rod:
         return torch.maximum(rod, ball).clamp(min=0), torch.ones(len(p), 3)
 
 
-@pytest.mark.parametrize("resolution", [64, 97, 256, 384])
+@pytest.mark.parametrize("resolution", [64, 97, pytest.param(256, marks=pytest.mark.slow),
+                                        pytest.param(384, marks=pytest.mark.slow)])
 def test_coarse_to_fine_keeps_parts_thinner_than_its_lattice(resolution):
     voxel = 2 / (resolution - 1)
     for radius in (0.61 * voxel, 1.53 * voxel):  # odd sizes: no grid point exactly on the level

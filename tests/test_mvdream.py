@@ -11,7 +11,8 @@ from conftest import _CACHE, ROOT
 from recon3d.hub import CheckpointError
 from recon3d.models.mvdream import (LDM_UNET_PREFIX, LDM_VAE_PREFIX, ORIGINAL_FILE, TINY_UNET_CONFIG, TINY_VAE_CONFIG,
                                     MultiViewUNetConfig, build_unet, diffusers_to_ldm_names, install_multiview_attention,
-                                    load_unet, random_parts, write_diffusers_layout)
+                                    load_unet, random_parts)
+from recon3d.testing import place_in_hub_cache, write_diffusers_layout
 from recon3d.pipelines.text_to_3d import TextTo3D
 
 MANIFEST = json.loads((ROOT / "tests" / "data" / "manifests" / "mvdream-sd2.1-diffusers-unet.json").read_text())
@@ -63,10 +64,7 @@ def tiny_parts():
 def tiny_mvdream_repo(tiny_parts, tmp_path_factory):
     """The tiny model in ashawkey/mvdream-sd2.1-diffusers's layout, placed in the Hub cache as a repo id."""
     folder = write_diffusers_layout(tiny_parts, tmp_path_factory.mktemp("tiny-mvdream"), PUBLISHED_NAMES)
-    snapshot = _CACHE / ("models--" + TINY_REPO.replace("/", "--")) / "snapshots" / TINY_COMMIT
-    shutil.copytree(folder, snapshot, dirs_exist_ok=True)
-    (snapshot.parents[1] / "refs").mkdir(exist_ok=True)
-    (snapshot.parents[1] / "refs" / "main").write_text(TINY_COMMIT)
+    place_in_hub_cache(folder, TINY_REPO, _CACHE, TINY_COMMIT)
     return folder
 
 
@@ -107,6 +105,19 @@ def test_folder_with_a_missing_part_is_refused(tiny_mvdream_repo, tmp_path):
     broken = shutil.copytree(tiny_mvdream_repo, tmp_path / "broken")
     (broken / "vae" / "diffusion_pytorch_model.safetensors").unlink()
     with pytest.raises(CheckpointError, match="vae/diffusion_pytorch_model.safetensors or .*bin is missing"):
+        TextTo3D.from_pretrained(broken)
+
+
+@pytest.mark.parametrize("part, weights", [("vae", "diffusion_pytorch_model.safetensors"),
+                                           ("text_encoder", "model.safetensors")])
+def test_stock_parts_with_unexpected_tensors_are_refused(tiny_mvdream_repo, tmp_path, part, weights):
+    """Strict like the UNet: a VAE or text encoder file holding a tensor its config has no place for is refused."""
+    from safetensors.torch import load_file, save_file
+
+    broken = shutil.copytree(tiny_mvdream_repo, tmp_path / "broken")
+    tensors = load_file(str(broken / part / weights))
+    save_file({**tensors, "extra.weight": torch.zeros(3)}, str(broken / part / weights))
+    with pytest.raises(CheckpointError, match=f"(?i)the {part.replace('_', ' ')} weights do not match.*extra.weight"):
         TextTo3D.from_pretrained(broken)
 
 

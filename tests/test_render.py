@@ -6,7 +6,7 @@ import pytest
 
 from recon3d import cameras
 from recon3d.field import GridField
-from recon3d.models.lrm import TINY_CONFIG, random_lrm
+from recon3d.models.lrm import TINY_LRM_CONFIG, random_lrm
 from recon3d.render import (RenderSettings, box_intersection, composite, importance_depths, render_view,
                             render_views)
 
@@ -71,7 +71,7 @@ def test_chunking_does_not_change_the_image():
 @pytest.fixture(scope="module")
 def lrm_field():
     """Three objects of a tiny random LRM, planes scaled up so the objects are visible."""
-    model = random_lrm(TINY_CONFIG, seed=4)
+    model = random_lrm(TINY_LRM_CONFIG, seed=4)
     planes = torch.randn(3, 3, 8, 16, 16, generator=torch.Generator().manual_seed(5)) * 3
     return model, planes
 

@@ -13,10 +13,10 @@ from conftest import glb_summary
 from recon3d.cameras import orbit_camera
 from recon3d.field import PointField
 from recon3d.models.mvdream import SD_SCHEDULER_CONFIG, camera_condition
-from recon3d.pipelines.progress import run_to_end
+from recon3d.pipelines.events import Exported, Finished, Note, Preview, StepReport, run_to_end
 from recon3d.pipelines.sds import (PRESETS, SDSControl, SDSOptions, new_state, optimise, resolution_at, timestep_range,
                                    x0_reconstruction_loss)
-from recon3d.pipelines.text_to_3d import TextTo3D, distill_to_mesh
+from recon3d.pipelines.text_to_3d import TextTo3D, TextTo3DOptions, distill_to_mesh
 from recon3d.render import RenderSettings, render_views
 
 TINY = SDSOptions(steps=4, low_resolution=32, high_resolution=32, field_resolution=32, field_channels=8,
@@ -65,11 +65,14 @@ def tiny_pipe():
 
 
 def test_tiny_random_mvdream_runs_sds_and_writes_a_glb(tiny_pipe, tmp_path):
-    events = list(tiny_pipe.generate("a red chair", preset="fast", steps=3, seed=7, options=TINY))
-    steps = [e for e in events if e.stage == "sds"]
-    assert [e.metrics["step"] for e in steps] == [1, 2, 3]
-    assert all(np.isfinite(e.metrics["loss"]) and e.metrics["eta"] >= 0 for e in steps)
-    assert steps[0].preview.shape == (4, 32, 32, 3)
+    options = TextTo3DOptions(preset="custom", steps=3, seed=7, base=TINY)
+    events = list(tiny_pipe.generate("a red chair", options))
+    steps = [e for e in events if isinstance(e, StepReport)]
+    assert [e.step for e in steps] == [1, 2, 3]
+    assert all(np.isfinite(e.loss) and e.eta >= 0 for e in steps)
+    previews = [e for e in events if isinstance(e, Preview)]
+    assert previews[0].views.shape == (1, 4, 3, 32, 32) and previews[0].step == 1
+    assert isinstance(events[-1], Finished)
     result = events[-1].result
     path = result.save_glb(tmp_path / "chair.glb")
     positions, _, colours, indices = glb_summary(path)
@@ -77,11 +80,12 @@ def test_tiny_random_mvdream_runs_sds_and_writes_a_glb(tiny_pipe, tmp_path):
     extras = read_extras(path)
     assert extras["prompt"] == "a red chair" and extras["seed"] == 7 and extras["steps"] == 3
     assert extras["preset"] == "custom" and extras["random_weights"] is True and extras["method"] == "MVDream SDS"
+    assert extras["guidance_scale"] == 50.0 and extras["negative_prompt"] == ""
 
 
 def test_same_seed_same_run_different_seed_differs(tiny_pipe):
     def losses(seed):
-        return run_to_end(tiny_pipe.generate("a cup", options=replace(TINY, steps=2), seed=seed)).losses
+        return run_to_end(tiny_pipe.generate("a cup", TextTo3DOptions(seed=seed, base=replace(TINY, steps=2)))).losses
 
     assert losses(1) == losses(1)
     assert losses(1) != losses(2)
@@ -89,27 +93,30 @@ def test_same_seed_same_run_different_seed_differs(tiny_pipe):
 
 def test_prompt_checks(tiny_pipe):
     with pytest.raises(ValueError, match="type a prompt"):
-        next(tiny_pipe.generate("   ", options=TINY))
+        next(tiny_pipe.generate("   ", TextTo3DOptions(base=TINY)))
+    with pytest.raises(ValueError, match="keep it under 1000"):
+        next(tiny_pipe.generate("x" * 1001, TextTo3DOptions(base=TINY)))
     long_prompt = "a very " + "very " * 100 + "tall tower"
-    events = tiny_pipe.generate(long_prompt, options=replace(TINY, steps=1))
+    events = tiny_pipe.generate(long_prompt, TextTo3DOptions(base=replace(TINY, steps=1)))
     first = next(events)
-    assert first.stage == "prompt" and "longer than 75 tokens" in first.message
+    assert isinstance(first, Note) and "longer than 75 tokens" in first.message
     assert run_to_end(events).extras["prompt_truncated"] is True
 
 
 def test_stop_keeps_the_state_and_export_on_demand(tiny_pipe):
     control = SDSControl()
-    events = tiny_pipe.generate("a lamp", options=replace(TINY, steps=50), control=control)
-    stages = []
+    events = tiny_pipe.generate("a lamp", TextTo3DOptions(base=replace(TINY, steps=50)), control=control)
+    kinds = []
     for event in events:
-        stages.append(event.stage)
-        if event.stage == "sds" and event.metrics["step"] == 1:
+        kinds.append(type(event).__name__)
+        if isinstance(event, StepReport) and event.step == 1:
             control.export.set()
-        if event.stage == "mesh":
+        if isinstance(event, Exported):
             assert event.result.extras["steps_done"] == 1 and len(event.result.mesh.faces) > 0
-        if event.stage == "sds" and event.metrics["step"] == 2:
+        if isinstance(event, StepReport) and event.step == 2:
             control.stop.set()
-    assert stages == ["sds", "mesh", "sds", "done"]
+    kinds = [kind for kind in kinds if kind != "Preview"]
+    assert kinds == ["StepReport", "Exported", "StepReport", "Finished"]
     assert event.result.extras["stopped"] == "stop" and event.result.extras["steps_done"] == 2
 
 
@@ -137,14 +144,14 @@ def test_nan_loss_stops_and_keeps_the_last_good_state():
     def run(prior, stop_after=None):
         control = SDSControl()
         for event in optimise(prior, replace(TINY, steps=10), torch.Generator().manual_seed(0), "cpu", control):
-            if event.metrics and event.metrics.get("step") == stop_after:
+            if isinstance(event, StepReport) and event.step == stop_after:
                 control.stop.set()
-        return event
+        return event.result
 
     last = run(NaNAfter(bad=3))
-    state = last.result
-    assert state.step == 2 and "NaN at step 3" in last.metrics["stopped"]
-    two_good_steps = run(NaNAfter(bad=100), stop_after=2).result
+    state = last.state
+    assert state.step == 2 and "NaN at step 3" in last.stopped
+    two_good_steps = run(NaNAfter(bad=100), stop_after=2).state
     for kept, good in zip(state.field.parameters(), two_good_steps.field.parameters()):
         assert torch.equal(kept, good)  # the NaN step changed nothing
 
@@ -186,6 +193,7 @@ class TargetPrior:
         return eps, eps
 
 
+@pytest.mark.slow
 def test_sds_with_an_analytic_denoiser_converges_to_the_target(tmp_path):
     options = replace(TINY, steps=200, coarse_samples=32, fine_samples=16, learn_background=False,
                       random_background_probability=0.0, preview_seconds=1e9, mesh_resolution=64)
@@ -277,16 +285,49 @@ def test_eta_counts_each_resolution_phase_at_its_own_speed():
     assert remaining_seconds(options, 3, {64: [2.0] * 3, 256: [5.0]}, 64) == 2 * 2.0 + 5 * 5.0
 
 
+def test_options_resolve_the_preset_or_custom_steps_and_the_device_budget_in_one_place():
+    quality, custom = TextTo3DOptions(preset="quality"), TextTo3DOptions(preset="custom", steps=300, guidance_scale=20)
+    assert (quality.label, custom.label, TextTo3DOptions().label) == ("quality", "custom", "fast")
+    on_cpu, on_gpu = quality.recipe("cpu"), quality.recipe(torch.device("cuda"))  # (a device name; nothing runs)
+    assert on_gpu == PRESETS["quality"] and on_cpu.steps == 10000
+    assert (on_cpu.high_resolution, on_cpu.coarse_samples, on_cpu.fine_samples, on_cpu.mesh_resolution) == (128, 32, 16, 128)
+    assert custom.recipe("cpu").steps == 300 and custom.recipe("cpu").guidance_scale == 20
+    assert custom.recipe("cpu").t_end == PRESETS["fast"].t_end  # custom steps: the fast schedule, rescaled
+    with pytest.raises(ValueError, match="the quality preset runs 10,000 steps; choose custom"):
+        TextTo3DOptions(preset="quality", steps=3).validate()
+    with pytest.raises(ValueError, match="the custom preset needs a step count"):
+        TextTo3DOptions(preset="custom").validate()
+    with pytest.raises(ValueError, match="unknown preset 'slow'"):
+        TextTo3DOptions(preset="slow").validate()
+    for field, value, message in (("seed", -1, "seed must be between 0 and 2147483647, got -1"),
+                                  ("guidance_scale", None, "guidance scale must be a number"),
+                                  ("guidance_scale", 500, "guidance scale must be between 0 and 200"),
+                                  ("steps", 2.5, "steps must be a whole number")):
+        with pytest.raises(ValueError, match=message):
+            TextTo3DOptions(preset="custom", **{"steps": 10, field: value}).validate()
+
+
+def test_a_library_caller_gets_the_recipe_of_the_device(tiny_pipe, monkeypatch):
+    """generate() resolves the options on the pipeline's device itself: a CPU caller gets the CPU budget."""
+    import recon3d.pipelines.text_to_3d as module
+
+    seen = []
+    monkeypatch.setattr(module, "distill_to_mesh", lambda prior, recipe, *args: seen.append(recipe) or iter(()))
+    list(tiny_pipe.generate("a cup", TextTo3DOptions(preset="quality")))
+    assert seen == [TextTo3DOptions(preset="quality").recipe("cpu")] and seen[0].high_resolution == 128
+
+
 def test_service_job_records_the_preset_or_custom_and_keeps_two_previews(tmp_path):
     from recon3d.cancel import NEVER
     from recon3d.service import RANDOM_MVDREAM, ModelService, ServiceSettings, text_job
     from recon3d.sessions import Sessions
 
     service, sessions = ModelService(ServiceSettings(random_weights=True)), Sessions(tmp_path)
-    for custom_steps, expected in ((None, "quality"), (3, "custom")):
-        options = replace(TINY, steps=3)  # the recipe as the app built it (here: tiny, 3 steps)
-        job = text_job(service, sessions, "visitor", RANDOM_MVDREAM, "a vase", "", "quality", custom_steps, options,
-                       1, SDSControl(), NEVER)
-        glb = run_to_end(job)
-        assert read_extras(glb)["preset"] == expected
+    for preset, steps in (("fast", None), ("custom", 3)):
+        options = TextTo3DOptions(preset=preset, steps=steps, seed=1, negative_prompt="  blurry,  dull ",
+                                  base=replace(TINY, steps=3) if steps is None else TINY)
+        glb = run_to_end(text_job(service, sessions, "visitor", RANDOM_MVDREAM, "a vase", options, SDSControl(), NEVER))
+        extras = read_extras(glb.path)
+        assert (extras["preset"], extras["steps"], extras["steps_done"]) == ("custom", 3, 3)  # a base recipe is custom
+        assert extras["negative_prompt"] == "blurry, dull" and extras["seed"] == 1
     assert len(list(tmp_path.rglob("text-preview*.png"))) == 4  # 3 previews per job, each job keeps its latest two

@@ -22,12 +22,13 @@ import torch
 from torch import nn
 
 from .. import cameras
-from ..field import TriplaneField, sample_triplane
 from ..hub import CheckpointError, PretrainedModel
 from ..render import RenderSettings, render_views
 from .dinov2 import Block
 from .lrm import PlaneDecoder, TriplaneTransformer, upsample_planes
+from ..noise import seeded
 from .random_init import randomize_
+from .triplane import TriplaneModel
 
 MODEL_TYPE = "dmv3d"
 
@@ -54,7 +55,8 @@ class DMV3DConfig:
     camera_distance: float = 2.0
     num_train_timesteps: int = 1000
     beta_schedule: str = "scaled_linear"  # of diffusers' DDIMScheduler; training and sampling share it
-    iso_level: float = 10.0  # density of the surface when meshing
+    iso_level: float = 3.5  # density of the surface when meshing: the best level on held-out 3D IoU of the demo
+    # model (its model card); a model trained otherwise should measure its own (bench/dmv3d.py)
     model_type: str = MODEL_TYPE
 
     @classmethod
@@ -100,10 +102,10 @@ PAPER_CONFIG = DMV3DConfig()
 DEMO_CONFIG = DMV3DConfig(image_size=32, patch_size=4, encoder_dim=128, encoder_layers=2, encoder_heads=4,
                           transformer_dim=128, transformer_layers=4, transformer_heads=4, triplane_low_res=8,
                           triplane_dim=16, time_embed_dim=128, samples_per_ray=32)
-TINY_CONFIG = DMV3DConfig(image_size=16, patch_size=4, encoder_dim=32, encoder_layers=1, encoder_heads=2,
+TINY_DMV3D_CONFIG = DMV3DConfig(image_size=16, patch_size=4, encoder_dim=32, encoder_layers=1, encoder_heads=2,
                           transformer_dim=32, transformer_layers=2, transformer_heads=2, triplane_low_res=4,
                           triplane_dim=8, time_embed_dim=32, samples_per_ray=16, text_embed_dim=24)
-CONFIGS = {"paper": PAPER_CONFIG, "demo": DEMO_CONFIG, "tiny": TINY_CONFIG}
+CONFIGS = {"paper": PAPER_CONFIG, "demo": DEMO_CONFIG, "tiny": TINY_DMV3D_CONFIG}
 
 
 def timestep_embedding(t: torch.Tensor, dim: int, max_period: float = 10000.0) -> torch.Tensor:
@@ -131,7 +133,7 @@ def align_to_first_view(c2w: torch.Tensor, distance: float = 2.0) -> torch.Tenso
     return transform @ c2w
 
 
-class DMV3D(PretrainedModel, nn.Module):
+class DMV3D(TriplaneModel, PretrainedModel, nn.Module):
     """The denoiser. :meth:`forward` gives planes; :meth:`render` turns planes into x0 views. Checkpoints:
     :meth:`from_pretrained` / :meth:`save_pretrained` (config.json + model.safetensors, strict)."""
 
@@ -192,12 +194,13 @@ class DMV3D(PretrainedModel, nn.Module):
         return upsample_planes(tokens, self.upsampler)
 
     # ---- planes as a field, rendered ---------------------------------------------------------------------
-    def query_points(self, planes: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """planes (N, 3, C, H, W), points (N, P, 3) -> float32 density (N, P, 1), rgb (N, P, 3)."""
-        return self.decoder(sample_triplane(planes, points))
+    @property
+    def plane_decoder(self) -> PlaneDecoder:
+        return self.decoder
 
-    def field(self, planes: torch.Tensor) -> TriplaneField:
-        return TriplaneField(planes, self.query_points, iso_level=self.config.iso_level)
+    @property
+    def iso_level(self) -> float:
+        return self.config.iso_level
 
     def render(self, planes: torch.Tensor, c2w: torch.Tensor, intrinsics: torch.Tensor, size: int | None = None,
                settings: RenderSettings | None = None, generators=None) -> torch.Tensor:
@@ -211,7 +214,7 @@ class DMV3D(PretrainedModel, nn.Module):
 def new_dmv3d(cfg: DMV3DConfig, seed: int = 0) -> DMV3D:
     """A freshly initialised DMV3D (for training, tests and random-weight demos): every draw from one seeded
     generator; adaLN-Zero modulation starts closed, so each block starts as the identity."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     with torch.device("meta"):
         model = DMV3D(cfg)
     model = randomize_(model, generator, layer_scale=1.0, token_std=0.02)

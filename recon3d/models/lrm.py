@@ -16,10 +16,11 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..field import TriplaneField, sample_triplane
 from ..hub import CheckpointError, PretrainedModel
 from .dinov2 import VIT_SPECS, DinoV2
+from ..noise import seeded
 from .random_init import randomize_
+from .triplane import TriplaneModel
 
 DENSITY_LEVEL = 3.0  # OpenLRM meshes its density at this level; a property of the model, not of the mesher
 # (transformer_dim, transformer_layers, triplane_dim) of the published sizes -> (source size, render size)
@@ -185,10 +186,12 @@ class Synthesizer(nn.Module):
         self.decoder = PlaneDecoder(3 * triplane_dim)
 
 
-class LRM(PretrainedModel, nn.Module):
-    """The whole image-to-triplane model. Load an OpenLRM v1.1 checkpoint with :meth:`from_pretrained` (strict)."""
+class LRM(TriplaneModel, PretrainedModel, nn.Module):
+    """The whole image-to-triplane model. Load an OpenLRM v1.1 checkpoint with :meth:`from_pretrained` (strict).
+    ``field(planes)`` meshes at OpenLRM's density level."""
 
     config_class = LRMConfig
+    iso_level = DENSITY_LEVEL
 
     def __init__(self, cfg: LRMConfig):
         super().__init__()
@@ -217,21 +220,15 @@ class LRM(PretrainedModel, nn.Module):
         """images (N, 3, S, S) in [0, 1], cameras (N, 16) source-camera format -> planes (N, 3, C, 64, 64)."""
         return self.planes_from_tokens(self.encode_image(images), cameras)
 
-    def query_points(self, planes: torch.Tensor, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """planes (N, 3, C, H, W), points (N, P, 3) in [-1, 1]^3 -> float32 density (N, P, 1), rgb (N, P, 3).
-
-        The lookup runs in float32 (see :func:`sample_triplane`); the decoder casts the features to its dtype."""
-        return self.synthesizer.decoder(sample_triplane(planes, points))
-
-    def field(self, planes: torch.Tensor) -> TriplaneField:
-        """Planes (N, 3, C, H, W) as a field for rendering and meshing, surface at OpenLRM's density level."""
-        return TriplaneField(planes, self.query_points, iso_level=DENSITY_LEVEL)
+    @property
+    def plane_decoder(self) -> PlaneDecoder:
+        return self.synthesizer.decoder
 
 
 def random_lrm(cfg: LRMConfig, seed: int = 0) -> LRM:
     """A randomly initialised LRM (tests, benchmarks, the --random-weights demo); every draw from one seeded
     generator, so a seed always gives the same model."""
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     with torch.device("meta"):
         model = LRM(cfg)
     return randomize_(model, generator).eval()
@@ -245,6 +242,6 @@ PUBLISHED_CONFIGS = {
     "large": LRMConfig(rendering_samples_per_ray=128, transformer_dim=1024, transformer_layers=16, transformer_heads=16,
                        triplane_dim=80, encoder_model_name="dinov2_vitb14_reg", encoder_feat_dim=768),
 }
-TINY_CONFIG = LRMConfig(camera_embed_dim=32, transformer_dim=32, transformer_layers=2, transformer_heads=2,
+TINY_LRM_CONFIG = LRMConfig(camera_embed_dim=32, transformer_dim=32, transformer_layers=2, transformer_heads=2,
                         triplane_low_res=8, triplane_high_res=16, triplane_dim=8, encoder_model_name="tiny_vit14_reg",
                         encoder_feat_dim=24, rendering_samples_per_ray=32, source_size=56, render_size=48)

@@ -226,26 +226,18 @@ def _first_file(folder, names: tuple[str, ...]):
     return next(folder / name for name in names if (folder / name).is_file())
 
 
-def _read_json(path, source: str) -> dict:
-    import json
-
-    try:
-        return json.loads(path.read_text())
-    except (OSError, ValueError) as exc:
-        raise CheckpointError(f"{source}: {path.name} is not valid JSON ({exc})") from None
-
-
 def _load_stock(cls, folder, source: str, what: str):
-    """A stock diffusers/transformers model from a local subfolder; refuses missing or mis-shaped weights."""
+    """A stock diffusers/transformers model from a local subfolder, strictly: missing, unexpected or mis-shaped
+    weights are refused with a report."""
     try:
         model, info = cls.from_pretrained(str(folder), output_loading_info=True)
     except Exception as exc:
         raise CheckpointError(f"{source}: cannot load the {what} ({type(exc).__name__}: {exc})") from None
-    bad = list(info.get("missing_keys", [])) + [str(m[0]) if isinstance(m, tuple) else str(m)
-                                               for m in info.get("mismatched_keys", [])]
+    bad = [*info.get("missing_keys", []), *info.get("unexpected_keys", []),
+           *(str(m[0]) if isinstance(m, tuple) else str(m) for m in info.get("mismatched_keys", []))]
     if bad:
-        raise CheckpointError(f"{source}: the {what} weights do not match its config: {len(bad)} missing or "
-                              f"mis-shaped ({', '.join(sorted(bad)[:5])})")
+        raise CheckpointError(f"{source}: the {what} weights do not match its config: {len(bad)} missing, "
+                              f"unexpected or mis-shaped ({', '.join(sorted(map(str, bad))[:5])})")
     return model
 
 
@@ -268,9 +260,9 @@ def load_diffusers_layout(root, source: str, num_views: int = NUM_VIEWS) -> MVDr
     its config as a stock UNet plus :class:`MultiViewAttnProcessor` and given the published tensors."""
     from diffusers import AutoencoderKL
 
-    from ..hub import read_state_dict
+    from ..hub import read_json, read_state_dict
 
-    config = MultiViewUNetConfig.from_dict(_read_json(root / "unet" / "config.json", source), source)
+    config = MultiViewUNetConfig.from_dict(read_json(root / "unet" / "config.json", source), source)
     published = read_state_dict(_first_file(root, DIFFUSERS_LAYOUT[2]))
     unet = load_unet(config, published, source, num_views)
     vae = _load_stock(AutoencoderKL, root / "vae", source, "VAE")
@@ -369,9 +361,10 @@ def random_parts(seed: int = 0, unet_config: MultiViewUNetConfig = TINY_UNET_CON
     from diffusers import AutoencoderKL, DDIMScheduler
     from transformers import CLIPTextConfig, CLIPTextModel
 
+    from ..noise import seeded
     from .random_init import randomize_
 
-    generator = torch.Generator().manual_seed(seed)
+    generator = seeded(seed)
     unet = randomize_(build_unet(unet_config, num_views, empty=True), generator)
     with init_empty_weights():
         vae = AutoencoderKL(**(vae_config or TINY_VAE_CONFIG))
@@ -387,42 +380,3 @@ def random_parts(seed: int = 0, unet_config: MultiViewUNetConfig = TINY_UNET_CON
     text_encoder = randomize_(text_encoder, generator)
     return MVDreamParts(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, DDIMScheduler(**SD_SCHEDULER_CONFIG),
                         f"random weights (seed {seed})", unet_config)
-
-
-def write_diffusers_layout(parts: MVDreamParts, folder, ldm_names: list[str]):
-    """Write ``parts`` in ``ashawkey/mvdream-sd2.1-diffusers``'s exact layout (UNet under the published names
-    ``ldm_names``, config in MVDream's own keys), as tests and offline mirrors need it."""
-    import json
-    from pathlib import Path
-
-    from safetensors.torch import save_file
-
-    folder = Path(folder)
-    (folder / "unet").mkdir(parents=True, exist_ok=True)
-    index = {"_class_name": "MVDreamPipeline", "unet": ["mv_unet", "MultiViewUNetModel"],
-             "vae": ["diffusers", "AutoencoderKL"], "text_encoder": ["transformers", "CLIPTextModel"],
-             "tokenizer": ["transformers", "CLIPTokenizer"], "scheduler": ["diffusers", "DDIMScheduler"]}
-    (folder / "model_index.json").write_text(json.dumps(index, indent=2))
-    (folder / "unet" / "config.json").write_text(json.dumps(parts.unet_config.to_dict(), indent=2))
-    state = parts.unet.state_dict()
-    names = diffusers_to_ldm_names(ldm_names, parts.unet_config)
-    save_file({ldm: state[name].detach().contiguous() for ldm, name in names.items()},
-              str(folder / "unet" / "diffusion_pytorch_model.safetensors"))
-    parts.vae.save_pretrained(str(folder / "vae"))
-    parts.text_encoder.save_pretrained(str(folder / "text_encoder"))
-    _write_tokenizer(parts.tokenizer, folder / "tokenizer")
-    parts.scheduler.save_pretrained(str(folder / "scheduler"))
-    return folder
-
-
-def _write_tokenizer(tokenizer, folder) -> None:
-    """The tokenizer files SD 2.1 repos hold: vocab.json, merges.txt, tokenizer_config.json, special_tokens_map.json."""
-    import json
-
-    tokenizer.save_pretrained(str(folder))
-    merges = json.loads(tokenizer.backend_tokenizer.to_str())["model"].get("merges", [])
-    (folder / "vocab.json").write_text(json.dumps(tokenizer.get_vocab()))
-    lines = [m if isinstance(m, str) else " ".join(m) for m in merges]
-    (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *lines]) + "\n")
-    special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
-    (folder / "special_tokens_map.json").write_text(json.dumps(special))

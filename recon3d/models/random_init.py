@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import torch
 
+from ..noise import randn_tensor
+
 
 @torch.no_grad()
 def randomize_(model: torch.nn.Module, generator: torch.Generator, layer_scale: float = 0.1,
@@ -25,7 +27,7 @@ def randomize_(model: torch.nn.Module, generator: torch.Generator, layer_scale: 
         elif param.dim() == 1:
             param.fill_(1.0)
         elif param.dim() == 3 or id(param) in embeddings:  # tokens, positions
-            param.copy_(torch.randn(param.shape, generator=generator) * token_std)
+            param.copy_(randn_tensor(param.shape, generator) * token_std)
         else:
-            param.copy_(torch.randn(param.shape, generator=generator) / param[0].numel() ** 0.5)
+            param.copy_(randn_tensor(param.shape, generator) / param[0].numel() ** 0.5)
     return model

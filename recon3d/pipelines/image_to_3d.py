@@ -16,30 +16,33 @@ from PIL import Image
 from .. import cameras
 from ..cancel import NEVER, CancelToken
 from ..field import TriplaneField
-from ..images import BackgroundRemover, check_foreground_ratio, ImageInput, PreparedImage, image_to_tensor, prepare_image
-from ..mesh import Mesh, MeshSettings, check_resolution, extract_mesh
+from ..images import (FOREGROUND_RATIO, BackgroundRemover, ImageInput, PreparedImage, image_to_tensor, prepare_image,
+                      views_grid)
+from ..mesh import RESOLUTION, Mesh, MeshSettings, default_resolution, extract_mesh
 from ..models.lrm import DENSITY_LEVEL, LRM, LRMConfig, random_lrm
-from ..render import RenderSettings, render_view
-from .progress import Progress, check_before_each, run_to_end, timed
+from ..options import Limit, Options, limited
+from ..render import RenderSettings, render_orbit
+from .events import Event, Finished, Stage, run_to_end
+from .progress import check_before_each, timed
+
+FLOATER_FRACTION = 0.05  # "remove floaters" on: drop detached parts under 5 % of the largest one
 
 
 @dataclass
-class ImageTo3DOptions:
-    foreground_ratio: float = 0.8
-    mesh_resolution: int = 256
-    remove_background: bool = True
-    camera_distance: float = cameras.LRM_SOURCE_DISTANCE
-    density_threshold: float | None = DENSITY_LEVEL  # None: pick a level from the grid (for random weights)
-    remove_floaters: float = 0.0  # drop parts smaller than this fraction of the largest (0: keep all, 1: largest)
+class ImageTo3DOptions(Options):
+    """How one image becomes a mesh; ``resolved(device)`` checks every value (a value out of range is refused,
+    not clamped) and fills the device's defaults."""
 
-    def validate(self) -> "ImageTo3DOptions":
-        check_resolution(self.mesh_resolution)
-        check_foreground_ratio(self.foreground_ratio)
-        if not 0.0 <= self.remove_floaters <= 1.0:
-            raise ValueError(f"remove_floaters must be between 0 and 1, got {self.remove_floaters}")
-        if not 1.0 <= self.camera_distance <= 4.0:
-            raise ValueError(f"camera distance must be between 1 and 4, got {self.camera_distance}")
-        return self
+    foreground_ratio: float = limited(0.8, FOREGROUND_RATIO)
+    mesh_resolution: int | None = limited(None, RESOLUTION)  # None: the device's default (128 on a CPU, 256 on a GPU)
+    remove_background: bool = True
+    camera_distance: float = limited(cameras.LRM_SOURCE_DISTANCE, Limit("camera distance", 1.0, 4.0))
+    density_threshold: float | None = DENSITY_LEVEL  # None: pick a level from the grid (for random weights)
+    # drop parts smaller than this fraction of the largest (0: keep all, 1: the largest only)
+    remove_floaters: float = limited(0.0, Limit("remove floaters", 0.0, 1.0))
+
+    def device_defaults(self, device: torch.device | str) -> dict:
+        return {"mesh_resolution": default_resolution(device)}
 
 
 @dataclass
@@ -65,21 +68,16 @@ class ImageTo3DResult:
         self.timings["glb_write"] = time.perf_counter() - start
         return path
 
-    @torch.no_grad()
     def render_turntable(self, frames: int = 24, size: int | None = None, elevation_deg: float = 23.6,
                          distance: float = 2.0, fov_deg: float | None = None,
                          settings: RenderSettings | None = None, cancel: CancelToken = NEVER) -> list[Image.Image]:
         """Frames around the object (radius 2, elevation 23.6 deg and the source camera's 67.4 deg field of view,
         as in LRM's demo); frame 0 faces the source view. ``cancel`` is checked before every frame."""
         fov_deg = fov_deg or cameras.fov_from_focal(cameras.LRM_SOURCE_FX)
-        settings, size = settings or self.render_settings, size or self.render_size
-        intrinsics = cameras.intrinsics_from_fov(fov_deg)
-        images = []
-        for c2w in cameras.orbit_cameras(frames, elevation_deg, distance):
-            cancel.check()
-            rgb = render_view(self.field, c2w, intrinsics, size, settings)["rgb"].cpu()
-            images.append(Image.fromarray((rgb.clamp(0, 1).numpy() * 255 + 0.5).astype("uint8")))
-        return images
+        azimuths = [360.0 * frame / frames for frame in range(frames)]
+        rgb = render_orbit(self.field, azimuths, elevation_deg, distance, fov_deg, size or self.render_size,
+                           settings or self.render_settings, cancel)  # (1, F, S, S, 3)
+        return [views_grid(frame[None, None].permute(0, 1, 4, 2, 3)) for frame in rgb[0]]
 
     def save_turntable(self, path: str | Path, frames: int = 24, size: int | None = None,
                        cancel: CancelToken = NEVER) -> Path:
@@ -124,16 +122,17 @@ class ImageTo3D:
 
     @torch.no_grad()
     def run(self, image: ImageInput, options: ImageTo3DOptions | None = None,
-            cancel: CancelToken = NEVER) -> Iterator[Progress]:
-        """The job as progress events; the last one carries the :class:`ImageTo3DResult`. ``cancel`` is checked
+            cancel: CancelToken = NEVER) -> Iterator[Event]:
+        """The job as :class:`~recon3d.pipelines.events.Stage` events, then :class:`Finished` with the
+        :class:`ImageTo3DResult`. The options are resolved for this pipeline's device. ``cancel`` is checked
         between stages, before every encoder and transformer layer and between chunks of grid queries; a
         cancelled job raises :class:`~recon3d.cancel.Cancelled`."""
-        options = (options or ImageTo3DOptions()).validate()
+        options = (options or ImageTo3DOptions()).resolved(self.device)
         if self.random_weights:  # no calibrated density: mesh the largest part at an automatic level
             options = replace(options, density_threshold=None, remove_floaters=1.0)
         timings: dict[str, float] = {}
         device, source_size = self.device, self.model.config.sizes[0]
-        yield Progress("preprocess", 0.0, "Preparing the image")
+        yield Stage(name="preprocess", fraction=0.0, message="Preparing the image")
         with timed(timings, "preprocess", device):
             remover = self.background_remover if options.remove_background else None
             prepared = prepare_image(image, source_size, options.foreground_ratio, remover)
@@ -143,14 +142,14 @@ class ImageTo3D:
         if prepared.background_seconds:  # its own stage: it can dominate the CPU path
             timings["remove_background"] = prepared.background_seconds
             timings["preprocess"] -= prepared.background_seconds
-        yield Progress("encoder", 0.1, "Encoding the image")
+        yield Stage(name="encoder", fraction=0.1, message="Encoding the image")
         with timed(timings, "encoder", device), check_before_each(self.model.encoder.model.blocks, cancel):
             tokens = self.model.encode_image(pixels)
-        yield Progress("transformer", 0.25, "Predicting the triplane")
+        yield Stage(name="transformer", fraction=0.25, message="Predicting the triplane")
         with timed(timings, "transformer", device), check_before_each(self.model.transformer.layers, cancel):
             planes = self.model.planes_from_tokens(tokens, camera)
         cancel.check()
-        yield Progress("mesh", 0.45, f"Extracting the mesh at {options.mesh_resolution}^3")
+        yield Stage(name="mesh", fraction=0.45, message=f"Extracting the mesh at {options.mesh_resolution}^3")
         field_ = self.model.field(planes)
         mesh_settings = MeshSettings(resolution=options.mesh_resolution, level=options.density_threshold,
                                      min_part_fraction=options.remove_floaters)
@@ -161,4 +160,4 @@ class ImageTo3D:
         result = ImageTo3DResult(prepared, planes, mesh, field_, timings, stats, list(prepared.notes),
                                  RenderSettings(coarse_samples=samples // 2, fine_samples=samples - samples // 2),
                                  self.model.config.sizes[1])
-        yield Progress("done", 1.0, f"{len(mesh.faces):,} triangles", result=result)
+        yield Finished(fraction=1.0, message=f"{len(mesh.faces):,} triangles", result=result)

@@ -1,25 +1,16 @@
-"""Progress events: long jobs are generators of these; the CLI and the app turn them into bars and UI updates."""
+"""Helpers of long jobs: honest stage timings on any device, and cancellation checks between layers.
+
+The events the jobs yield are in :mod:`recon3d.pipelines.events`."""
 
 from __future__ import annotations
 
 import time
 from contextlib import contextmanager
-from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Iterable, Iterator
 
 import torch
 
 from ..cancel import CancelToken
-
-
-@dataclass
-class Progress:
-    stage: str  # short machine name, e.g. "encoder"
-    fraction: float  # 0..1 of the whole job
-    message: str  # for people
-    result: Any = None  # set on the final event only (sampling: on each finished sample)
-    preview: Any = None  # an intermediate state to show (sampling: the current x0 views)
-    metrics: dict | None = None  # numbers for plots and bars (SDS: step, loss, t range, elapsed, ETA)
 
 
 def synchronize(device: torch.device) -> None:
@@ -37,15 +28,6 @@ def timed(timings: dict, stage: str, device: torch.device) -> Iterator[None]:
     yield
     synchronize(device)
     timings[stage] = timings.get(stage, 0.0) + time.perf_counter() - start
-
-
-def run_to_end(events: Iterator[Progress]) -> Any:
-    """Drain a job and return its result."""
-    result = None
-    for event in events:
-        if event.result is not None:
-            result = event.result
-    return result
 
 
 @contextmanager

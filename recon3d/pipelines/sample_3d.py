@@ -8,22 +8,26 @@ at bin midpoints, so nothing else is random: a seed gives the same object alone 
 
 from __future__ import annotations
 
+import secrets
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import torch
 from PIL import Image
 
 from ..cancel import NEVER, CancelToken
-from ..images import BackgroundRemover, ImageInput, check_foreground_ratio, image_to_tensor, prepare_image
-from ..mesh import EmptyMeshError, Mesh, MeshSettings, check_resolution, extract_mesh
+from ..images import FOREGROUND_RATIO, BackgroundRemover, ImageInput, image_to_tensor, prepare_image, views_grid
+from ..mesh import RESOLUTION, Mesh, MeshSettings, default_resolution, extract_mesh_or_fallback
 from ..models.dmv3d import DMV3D, DMV3DConfig, canonical_views, new_dmv3d
-from .progress import Progress, check_before_each, run_to_end
+from ..noise import SEED, randn_tensor, seeded
+from ..options import Limit, Options, limited
+from ..render import render_orbit
+from .events import Event, Finished, Note, Preview, SampleReady, Stage, run_to_end
+from .progress import check_before_each
 
-MAX_SEEDS = 8
-MAX_STEPS = 200
-SEED_LIMIT = 2 ** 63 - 1
+MAX_SEEDS = 8  # samples of one job, and of one comparison
+COUNT = Limit("the number of samples", 1, MAX_SEEDS, whole=True)
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -37,8 +41,8 @@ def parse_seeds(text: str) -> list[int]:
             seed = int(part)
         except ValueError:
             raise ValueError(f"seeds must be whole numbers separated by commas; {part!r} is not one") from None
-        if not 0 <= seed <= SEED_LIMIT:
-            raise ValueError(f"seed {seed} is out of range (0..{SEED_LIMIT})")
+        if not SEED.low <= seed <= SEED.high:
+            raise ValueError(f"seed {seed} is out of range ({SEED.text})")
         seeds.append(seed)
     return check_seeds(seeds)
 
@@ -50,27 +54,52 @@ def check_seeds(seeds: list[int]) -> list[int]:
         raise ValueError(f"at most {MAX_SEEDS} samples at once, got {len(seeds)}")
     if len(set(seeds)) != len(seeds):
         raise ValueError("each seed may appear once (the same seed gives the same sample)")
-    return list(seeds)
+    return [SEED.check(seed) for seed in seeds]
+
+
+def new_seeds(count: int, taken: set[int]) -> list[int]:
+    """``count`` fresh random seeds, none of them in ``taken`` (shown with their samples, so each repeats)."""
+    seeds: list[int] = []
+    while len(seeds) < count:
+        seed = secrets.randbelow(int(SEED.high) + 1)
+        if seed not in taken and seed not in seeds:
+            seeds.append(seed)
+    return seeds
+
+
+def seeds_to_add(count: object, seeds_text: str | None, shown: list[int], adding: bool) -> list[int]:
+    """The seeds of a request: the listed ones if ``seeds_text`` lists any, else ``count`` new random ones.
+    ``adding`` (More samples): listed seeds already in ``shown`` are skipped, and once every listed seed is shown,
+    new random ones are drawn; at most :data:`MAX_SEEDS` samples are compared at once."""
+    seeds: list[int] = []
+    if str(seeds_text or "").strip():
+        seeds = [seed for seed in parse_seeds(str(seeds_text)) if seed not in shown]
+    if not seeds and (adding or not str(seeds_text or "").strip()):
+        seeds = new_seeds(COUNT.check(count), set(shown))
+    if len(shown) + len(seeds) > MAX_SEEDS:
+        raise ValueError(f"at most {MAX_SEEDS} samples are shown at once ({len(shown)} shown): press Generate to "
+                         f"start over")
+    return seeds
 
 
 @dataclass
-class SampleOptions:
+class SampleOptions(Options):
+    """One sampling job; ``resolved(device)`` checks every value and fills the device's defaults."""
+
+    MAX_SEEDS: ClassVar[int] = MAX_SEEDS
     seeds: list[int] = field(default_factory=lambda: [0])
-    steps: int = 30
-    foreground_ratio: float = 0.8
+    steps: int = limited(30, Limit("steps", 1, 200, whole=True))
+    foreground_ratio: float = limited(0.8, FOREGROUND_RATIO)
     remove_background: bool = True
-    mesh_resolution: int = 128
-    batch_size: int = 4  # seeds denoised together; any split gives the same samples
+    mesh_resolution: int | None = limited(None, RESOLUTION)  # None: the device's default (128 on a CPU, 256 on a GPU)
+    batch_size: int = limited(4, Limit("batch size", 1, 64, whole=True))  # any split gives the same samples
 
     def validate(self) -> "SampleOptions":
-        check_seeds(self.seeds)
-        if not 1 <= self.steps <= MAX_STEPS:
-            raise ValueError(f"steps must be between 1 and {MAX_STEPS}, got {self.steps}")
-        check_foreground_ratio(self.foreground_ratio)
-        check_resolution(self.mesh_resolution)
-        if self.batch_size < 1:
-            raise ValueError(f"batch size must be at least 1, got {self.batch_size}")
-        return self
+        self.seeds = check_seeds(list(self.seeds))
+        return super().validate()
+
+    def device_defaults(self, device: torch.device | str) -> dict:
+        return {"mesh_resolution": default_resolution(device)}
 
 
 @dataclass
@@ -87,19 +116,10 @@ class Sample:
         return self.mesh.save_glb(path, extras=self.metadata)
 
 
-@dataclass
-class StepPreview:
-    """The x0 views of every sample in the batch at one step: (B, V, 3, H, W) in [0, 1]."""
-
-    seeds: list[int]
-    step: int
-    steps: int
-    views: torch.Tensor
-
-
 class Sample3D:
-    """``Sample3D.from_pretrained(folder_or_repo).run(image, SampleOptions(seeds=[1, 7]))``: progress events
-    carrying a :class:`StepPreview` each step and a :class:`Sample` for each finished seed."""
+    """``Sample3D.from_pretrained(folder_or_repo).run(image, SampleOptions(seeds=[1, 7]))``: events with a
+    :class:`~recon3d.pipelines.events.Preview` of every step's x0 views, a :class:`SampleReady` for each finished
+    seed and, last, :class:`Finished` with every :class:`Sample`."""
 
     def __init__(self, model: DMV3D, source: str, random_weights: bool = False, offline: bool = False):
         self.model, self.source, self.random_weights = model, source, random_weights
@@ -127,28 +147,28 @@ class Sample3D:
         return self.model.plane_tokens.dtype
 
     def __call__(self, image: ImageInput, **options) -> list[Sample]:
-        return [e.result for e in self.run(image, SampleOptions(**options)) if isinstance(e.result, Sample)]
+        return run_to_end(self.run(image, SampleOptions(**options)))
 
     @torch.no_grad()
     def run(self, image: ImageInput, options: SampleOptions | None = None,
-            cancel: CancelToken = NEVER) -> Iterator[Progress]:
-        options = (options or SampleOptions()).validate()
+            cancel: CancelToken = NEVER) -> Iterator[Event]:
+        options = (options or SampleOptions()).resolved(self.device)
         cfg = self.model.config
-        yield Progress("preprocess", 0.0, "Preparing the image")
+        yield Stage(name="preprocess", fraction=0.0, message="Preparing the image")
         remover = self.background_remover if options.remove_background else None
         prepared = prepare_image(image, cfg.image_size, options.foreground_ratio, remover)
         for note in prepared.notes:
-            yield Progress("preprocess", 0.0, note)
+            yield Note(fraction=0.0, message=note)
         condition = image_to_tensor(prepared.image)[0].to(self.device, torch.float32) * 2 - 1  # (3, H, W)
         batches = [options.seeds[i:i + options.batch_size] for i in range(0, len(options.seeds), options.batch_size)]
-        total, done = len(options.seeds), 0
+        total, done, samples = len(options.seeds), 0, []
         for batch in batches:
             cancel.check()
             planes, views = None, None
             for step, planes, views in self.denoise(condition, batch, options.steps, cancel):
                 fraction = (done + 0.8 * len(batch) * (step + 1) / options.steps) / total
-                yield Progress("denoise", fraction, f"Step {step + 1}/{options.steps} (seeds {_seed_list(batch)})",
-                               preview=StepPreview(batch, step, options.steps, (views + 1) / 2))
+                yield Preview(fraction=fraction, message=f"Step {step + 1}/{options.steps} (seeds {_seed_list(batch)})",
+                              views=((views + 1) / 2).clamp(0, 1).cpu(), step=step + 1, steps=options.steps)
             for index, seed in enumerate(batch):
                 cancel.check()
                 mesh, note = self._mesh(planes[index:index + 1], options, cancel)
@@ -157,8 +177,10 @@ class Sample3D:
                 sample = Sample(seed, planes[index:index + 1].float().cpu(), ((views[index] + 1) / 2).clamp(0, 1).cpu(),
                                 mesh, metadata)
                 fraction = (done + 0.8 * len(batch) + 0.2 * (index + 1)) / total  # never backwards
-                yield Progress("sample", fraction, f"Seed {seed} done", result=sample)
+                samples.append(sample)
+                yield SampleReady(fraction=fraction, message=f"Seed {seed} done", sample=sample)
             done += len(batch)
+        yield Finished(fraction=1.0, message=f"{len(samples)} samples", result=samples)
 
     @torch.no_grad()
     def denoise(self, condition: torch.Tensor, seeds: list[int], steps: int,
@@ -172,8 +194,8 @@ class Sample3D:
         b = len(seeds)
         c2w, intrinsics = c2w.expand(b, -1, -1, -1), intrinsics.expand(b, -1, -1)  # (B, V, 4, 4), (B, V, 4)
         shape = (cfg.views - 1, 3, cfg.image_size, cfg.image_size)
-        noisy = torch.stack([torch.randn(shape, generator=torch.Generator().manual_seed(seed)) for seed in seeds])
-        noisy = noisy.to(device)  # (B, V-1, 3, H, W): drawn on the CPU, so a seed is the same on any device
+        # (B, V-1, 3, H, W): one CPU generator per seed, so a seed is the same alone, in a batch, on any device
+        noisy = randn_tensor((b, *shape), [seeded(seed) for seed in seeds], device)
         clean = condition[None, None].expand(b, 1, -1, -1, -1)
         layers = [*self.model.encoder, *self.model.transformer.layers]
         for step, t in enumerate(scheduler.timesteps):
@@ -189,17 +211,11 @@ class Sample3D:
     def _mesh(self, planes: torch.Tensor, options: SampleOptions, cancel: CancelToken) -> tuple[Mesh, str | None]:
         """The sample's mesh at the model's iso-level (an automatic one for random weights, or when a sample has
         no surface there), and a note when the level had to change."""
-        field, level = self.model.field(planes), None if self.random_weights else self.model.config.iso_level
+        level = None if self.random_weights else self.model.iso_level
         settings = MeshSettings(resolution=options.mesh_resolution, level=level,
                                 min_part_fraction=1.0 if self.random_weights else 0.05)
-        try:
-            return extract_mesh(field, settings, cancel=cancel)[0], None
-        except EmptyMeshError:
-            if level is None:
-                raise
-            settings.level = None
-            note = f"no surface at density {level:g}: meshed at an automatic level"
-            return extract_mesh(field, settings, cancel=cancel)[0], note
+        mesh, _, note = extract_mesh_or_fallback(self.model.field(planes), settings, cancel=cancel)
+        return mesh, note
 
     def metadata(self, seed: int, options: SampleOptions) -> dict:
         """Everything that decides the sample, so the same settings make it again."""
@@ -216,24 +232,13 @@ def _seed_list(seeds: list[int]) -> str:
 
 
 def comparison_grid(planes: list[torch.Tensor], model: DMV3D, angles_deg=(0.0, 90.0, 180.0, 270.0),
-                    size: int = 96, elevation_deg: float = 20.0) -> Image.Image:
+                    size: int = 96, elevation_deg: float = 20.0, cancel: CancelToken = NEVER) -> Image.Image:
     """Samples' planes (each (1, 3, C, H, W)) rendered from the same angles: one row per sample, one column per
     angle, on white, so samples compare at a glance."""
-    from .. import cameras
-    from ..render import render_views
-
-    with torch.no_grad():
-        angles = torch.tensor(angles_deg)
-        c2w = cameras.orbit_camera(angles, torch.full_like(angles, elevation_deg),
-                                   torch.full_like(angles, model.config.camera_distance))
-        intrinsics = cameras.intrinsics_from_fov(model.config.fov_deg).expand(len(angles_deg), 4)
-        stacked = torch.cat(list(planes)).to(model.plane_tokens.device, model.plane_tokens.dtype)
-        n = len(planes)
-        rgb = render_views(model.field(stacked), c2w.expand(n, -1, -1, -1), intrinsics.expand(n, -1, -1), size,
-                           size, model.config.render_settings())["rgb"]  # (N, A, S, S, 3)
-    grid = rgb.clamp(0, 1).permute(0, 2, 1, 3, 4).reshape(n * size, len(angles_deg) * size, 3)
-    return Image.fromarray((grid.cpu().numpy() * 255 + 0.5).astype("uint8"))
+    stacked = torch.cat(list(planes)).to(model.plane_tokens.device, model.plane_tokens.dtype)
+    rgb = render_orbit(model.field(stacked), angles_deg, elevation_deg, model.config.camera_distance,
+                       model.config.fov_deg, size, model.config.render_settings(), cancel)  # (N, A, S, S, 3)
+    return views_grid(rgb.permute(0, 1, 4, 2, 3))
 
 
-__all__ = ["Sample", "Sample3D", "SampleOptions", "StepPreview", "comparison_grid", "parse_seeds",
-           "run_to_end"]
+__all__ = ["MAX_SEEDS", "Sample", "Sample3D", "SampleOptions", "comparison_grid", "parse_seeds", "seeds_to_add"]

@@ -25,13 +25,16 @@ from typing import Iterator, Protocol
 import torch
 import torch.nn.functional as F
 
-from ..cameras import intrinsics_from_fov, orbit_camera, sample_orbit_cameras
+from ..cameras import sample_orbit_cameras
 from ..cancel import NEVER, CancelToken
 from ..field import NeuralTriplaneField
-from ..render import RenderSettings, render_views
-from .progress import Progress
+from ..noise import derived, rand_tensor, randint, randn_tensor
+from ..options import Limit, check_limits, limited
+from ..render import RenderSettings, render_orbit, render_views
+from .events import Event, Exported, Finished, Preview, StepReport
 
-MIN_STEPS, MAX_STEPS = 1, 20000
+STEPS = Limit("steps", 1, 20000, whole=True)
+GUIDANCE = Limit("guidance scale", 0.0, 200.0)
 
 
 class MultiViewPrior(Protocol):
@@ -53,8 +56,8 @@ class MultiViewPrior(Protocol):
 class SDSOptions:
     """The recipe (defaults: MVDream's published text-to-3D configuration, 10,000 steps)."""
 
-    steps: int = 10000
-    guidance_scale: float = 50.0
+    steps: int = limited(10000, STEPS)
+    guidance_scale: float = limited(50.0, GUIDANCE)
     cfg_rescale: float = 0.5
     t_start: tuple[float, float] = (0.98, 0.98)  # (min, max) fraction of the schedule at step 0
     t_end: tuple[float, float] = (0.02, 0.50)  # ... reached at anneal_fraction of the steps
@@ -85,10 +88,7 @@ class SDSOptions:
     mesh_resolution: int = 192
 
     def __post_init__(self) -> None:
-        if not MIN_STEPS <= int(self.steps) <= MAX_STEPS:
-            raise ValueError(f"steps must be between {MIN_STEPS} and {MAX_STEPS}, got {self.steps}")
-        if not math.isfinite(self.guidance_scale) or not 0 <= self.guidance_scale <= 200:
-            raise ValueError(f"guidance scale must be between 0 and 200, got {self.guidance_scale}")
+        check_limits(self)
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -102,13 +102,15 @@ PRESETS = {
 
 
 def for_device(options: SDSOptions, device: torch.device | str) -> SDSOptions:
-    """The recipe as run on ``device``. On a CPU, where rendering and its backward pass take most of a 256 px
-    step (bench/sds.py), the second phase renders 128 px (still resized to the encoder's 256), rays take fewer
-    samples, and previews and meshes are smaller; the schedule, losses and cameras are unchanged."""
+    """The recipe as run on ``device`` (the device budget). On a CPU, where rendering and its backward pass take
+    most of a 256 px step (bench/sds.py), the second phase renders at most 128 px (still resized to the encoder's
+    256), rays take at most 32 + 16 samples, and previews and meshes are at most 64 px and 128^3; the schedule,
+    losses and cameras are unchanged. Budgets only lower values, so a recipe already smaller is kept."""
     if torch.device(device).type != "cpu":
         return options
-    return replace(options, high_resolution=min(options.high_resolution, 128), coarse_samples=32, fine_samples=16,
-                   preview_size=64, mesh_resolution=128)
+    return replace(options, high_resolution=min(options.high_resolution, 128),
+                   coarse_samples=min(options.coarse_samples, 32), fine_samples=min(options.fine_samples, 16),
+                   preview_size=min(options.preview_size, 64), mesh_resolution=min(options.mesh_resolution, 128))
 
 
 def timestep_range(options: SDSOptions, step: int) -> tuple[float, float]:
@@ -129,9 +131,9 @@ class BackgroundNetwork(torch.nn.Module):
 
     def __init__(self, generator: torch.Generator, hidden: int = 32):
         super().__init__()
-        self.hidden = torch.nn.Parameter(torch.randn((3, hidden), generator=generator) / 3 ** 0.5)
+        self.hidden = torch.nn.Parameter(randn_tensor((3, hidden), generator) / 3 ** 0.5)
         self.hidden_bias = torch.nn.Parameter(torch.zeros(hidden))
-        self.out = torch.nn.Parameter(torch.randn((hidden, 3), generator=generator) / hidden ** 0.5)
+        self.out = torch.nn.Parameter(randn_tensor((hidden, 3), generator) / hidden ** 0.5)
         self.out_bias = torch.nn.Parameter(torch.zeros(3))
 
     def forward(self, dirs: torch.Tensor) -> torch.Tensor:
@@ -161,8 +163,8 @@ def x0_reconstruction_loss(prior: MultiViewPrior, latents: torch.Tensor, t_fract
     """MVDream's SDS loss for latents (B, ...) of renders from cameras (B, 4, 4), (B, 4), and the t it drew."""
     steps = prior.alphas_cumprod.shape[0]
     low, high = int(t_fraction[0] * steps), int(t_fraction[1] * steps)
-    t = int(torch.randint(low, max(high, low + 1), (1,), generator=generator))  # one t for the whole batch
-    noise = torch.randn(latents.shape, generator=generator).to(latents.device)
+    t = randint(low, max(high, low + 1), generator)  # one t for the whole batch
+    noise = randn_tensor(latents.shape, generator, latents.device)
     abar = prior.alphas_cumprod[t].to(latents.device, torch.float32)
     with torch.no_grad():
         noisy = abar.sqrt() * latents + (1 - abar).sqrt() * noise
@@ -185,8 +187,8 @@ def render_batch(state: SDSState, options: SDSOptions, step: int, generator: tor
                                    device=state.field.device, distance_per_fov=True)
     c2w, intrinsics = cameras.c2w.reshape(1, -1, 4, 4), cameras.intrinsics.reshape(1, -1, 4)  # one object, B views
     background = state.background if options.learn_background else (1.0, 1.0, 1.0)
-    if float(torch.rand((), generator=generator)) < options.random_background_probability:
-        background = torch.rand(3, generator=generator).to(state.field.device)
+    if float(rand_tensor((), generator)) < options.random_background_probability:
+        background = rand_tensor((3,), generator, state.field.device)
     settings = RenderSettings(options.coarse_samples, options.fine_samples, options.chunk_rays, background)
     jitter = state.render_generator or generator
     rgb = render_views(state.field, c2w, intrinsics, size, size, settings, [jitter])["rgb"][0]  # (B, S, S, 3)
@@ -197,9 +199,7 @@ def new_state(options: SDSOptions, generator: torch.Generator, device: torch.dev
     field_ = NeuralTriplaneField(generator, options.field_resolution, options.field_channels).to(device)
     # the millions of ray-jitter draws per step come from a generator on the device (seeded from ``generator``),
     # so a GPU does not wait for the CPU; cameras, t and noise stay on ``generator``
-    seed = int(torch.randint(0, 2 ** 62, (1,), generator=generator))
-    render_generator = torch.Generator(torch.device(device)).manual_seed(seed)
-    return SDSState(field_, BackgroundNetwork(generator).to(device), render_generator=render_generator)
+    return SDSState(field_, BackgroundNetwork(generator).to(device), render_generator=derived(generator, device))
 
 
 def make_optimiser(state: SDSState, options: SDSOptions) -> torch.optim.Optimizer:
@@ -209,16 +209,16 @@ def make_optimiser(state: SDSState, options: SDSOptions) -> torch.optim.Optimize
     return torch.optim.AdamW(groups, betas=options.betas, eps=options.eps, weight_decay=options.weight_decay)
 
 
+PREVIEW_FOV_DEG = 40.0
+
+
 def preview_views(state: SDSState, options: SDSOptions) -> torch.Tensor:
-    """Four fixed views (azimuth 0, 90, 180, 270 deg, elevation 15 deg) on white: (4, S, S, 3) in [0, 1]."""
-    with torch.no_grad():
-        azimuths = torch.arange(4, dtype=torch.float32) * 90.0
-        fov = 40.0
-        c2w = orbit_camera(azimuths, 15.0, 0.9 / math.tan(math.radians(fov / 2)), device=state.field.device)
-        settings = RenderSettings(options.coarse_samples, options.fine_samples, options.chunk_rays)
-        size = options.preview_size
-        return render_views(state.field, c2w[None], intrinsics_from_fov(fov, state.field.device), size, size,
-                            settings)["rgb"][0].clamp(0, 1).cpu()
+    """Four fixed views (azimuth 0, 90, 180, 270 deg, elevation 15 deg) on white: (1, 4, 3, S, S) in [0, 1]."""
+    settings = RenderSettings(options.coarse_samples, options.fine_samples, options.chunk_rays)
+    distance = 0.9 / math.tan(math.radians(PREVIEW_FOV_DEG / 2))
+    rgb = render_orbit(state.field, (0.0, 90.0, 180.0, 270.0), 15.0, distance, PREVIEW_FOV_DEG, options.preview_size,
+                       settings)  # (1, 4, S, S, 3)
+    return rgb.permute(0, 1, 4, 2, 3)
 
 
 class NonFiniteLoss(RuntimeError):
@@ -271,14 +271,22 @@ class SDSControl:
     export: threading.Event = field(default_factory=threading.Event)
 
 
+@dataclass
+class SDSOutcome:
+    """How a run ended: the state reached, why it ended ("done", "stop", or what went wrong) and how long it ran."""
+
+    state: SDSState
+    stopped: str
+    elapsed: float
+
+
 def optimise(prior: MultiViewPrior, options: SDSOptions, generator: torch.Generator, device: torch.device | str,
              control: SDSControl | None = None, cancel: CancelToken = NEVER,
-             state: SDSState | None = None) -> Iterator[Progress]:
-    """Run SDS, yielding a Progress after every step (``metrics``: step, steps, loss, t, t range, resolution,
-    elapsed, ETA seconds; ``preview``: four views, at least every ``options.preview_seconds``) and a last one
-    whose ``result`` is the :class:`SDSState` (``metrics['stopped']`` says why it ended: "done", "stop" or a
-    NaN message). ``control.export`` yields a Progress with stage "export" and the state, for the caller to mesh.
-    ``cancel`` aborts (raising :class:`~recon3d.cancel.Cancelled`)."""
+             state: SDSState | None = None) -> Iterator[Event]:
+    """Run SDS, yielding a :class:`StepReport` after every step, a :class:`Preview` of four views at least every
+    ``options.preview_seconds`` (and after the last step), an :class:`Exported` event with the :class:`SDSState`
+    whenever ``control.export`` is set (for the caller to mesh), and last :class:`Finished` with an
+    :class:`SDSOutcome`. ``cancel`` aborts (raising :class:`~recon3d.cancel.Cancelled`)."""
     control = control or SDSControl()
     state = state or new_state(options, generator, device)
     optimiser = make_optimiser(state, options)
@@ -291,7 +299,8 @@ def optimise(prior: MultiViewPrior, options: SDSOptions, generator: torch.Genera
             break
         if control.export.is_set():
             control.export.clear()
-            yield Progress("export", state.step / options.steps, f"exporting at step {state.step}", result=state)
+            yield Exported(fraction=state.step / options.steps, message=f"exporting at step {state.step}",
+                           result=state)
         step_start = time.perf_counter()
         try:
             info = sds_step(prior, state, optimiser, options, generator, cancel)
@@ -300,14 +309,15 @@ def optimise(prior: MultiViewPrior, options: SDSOptions, generator: torch.Genera
             break
         step_seconds.setdefault(info["resolution"], []).append(time.perf_counter() - step_start)
         elapsed = time.perf_counter() - start
-        metrics = {"step": state.step, "steps": options.steps, **info, "elapsed": elapsed,
-                   "eta": remaining_seconds(options, state.step, step_seconds, info["resolution"])}
-        preview = None
+        eta = remaining_seconds(options, state.step, step_seconds, info["resolution"])
+        fraction = state.step / options.steps
+        yield StepReport(fraction=fraction, message=f"step {state.step}/{options.steps}  loss {info['loss']:.4g}  "
+                                                    f"t {info['t']}  {info['resolution']} px  ETA {eta:.0f} s",
+                         step=state.step, steps=options.steps, elapsed=elapsed, eta=eta, **info)
         if elapsed - last_preview >= options.preview_seconds or state.step == options.steps:
-            preview, last_preview = preview_views(state, options), elapsed
-        yield Progress("sds", state.step / options.steps,
-                       f"step {state.step}/{options.steps}  loss {info['loss']:.4g}  t {info['t']}  "
-                       f"{info['resolution']} px  ETA {metrics['eta']:.0f} s", preview=preview, metrics=metrics)
-    yield Progress("done", 1.0, f"stopped at step {state.step}/{options.steps} ({stopped})", result=state,
-                   metrics={"step": state.step, "steps": options.steps, "stopped": stopped,
-                            "elapsed": time.perf_counter() - start})
+            last_preview = elapsed
+            yield Preview(fraction=fraction, message=f"views at step {state.step}",
+                          views=preview_views(state, options), step=state.step, steps=options.steps)
+    elapsed = time.perf_counter() - start
+    yield Finished(fraction=1.0, message=f"stopped at step {state.step}/{options.steps} ({stopped})",
+                   result=SDSOutcome(state, stopped, elapsed))

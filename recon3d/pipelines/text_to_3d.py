@@ -1,30 +1,102 @@
 """Text to 3D: MVDream's 4-view prior, a quick look at what it imagines, and score distillation into a mesh.
 
     pipe = TextTo3D.from_pretrained("ashawkey/mvdream-sd2.1-diffusers", device=gpu, dtype=torch.float16)
-    for event in pipe.sample_views("a wooden chair", generator=torch.Generator().manual_seed(0)):  # quick look
-        ...
-    for event in pipe.generate("a wooden chair", preset="fast", seed=0):  # SDS; the last event holds the GLB
-        ...
+    views = run_to_end(pipe.sample_views("a wooden chair", QuickLookOptions(seed=0)))  # quick look: (1, 4, 3, S, S)
+    result = run_to_end(pipe.generate("a wooden chair", TextTo3DOptions(preset="fast", seed=0)))  # SDS
+    result.save_glb("chair.glb")
+
+The options resolve everything for the pipeline's device (the preset or a custom step count, the CPU budget),
+so the app, the CLI and a library caller on the same device run the same recipe.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Iterator
+from typing import ClassVar, Iterator
 
 import torch
 
 from ..cameras import orbit_camera
 from ..cancel import NEVER, CancelToken
-from ..images import views_grid
-from ..mesh import EmptyMeshError, Mesh, MeshSettings, extract_mesh
+from ..mesh import Mesh, MeshSettings, extract_mesh_or_fallback
 from ..models.mvdream import MVDreamParts, camera_condition, load_parts, random_parts
-from .progress import Progress
-from .sds import PRESETS, SDSControl, SDSOptions, SDSState, optimise
+from ..noise import SEED, randn_tensor, seeded
+from ..options import Limit, Options, limited
+from .events import Event, Exported, Finished, Note, Preview, Stage
+from .sds import GUIDANCE, PRESETS, STEPS, SDSControl, SDSOptions, SDSOutcome, SDSState, for_device, optimise
 
 PROMPT_SUFFIX = ", 3d asset"  # MVDream's plain sampling appends it
 METHOD = "MVDream SDS"
+MAX_PROMPT_CHARS = 1000  # longer than any prompt the tokenizer takes; beyond 77 tokens the prompt is cut (said)
+CUSTOM = "custom"
+
+
+def check_prompt(prompt: str) -> str:
+    """The prompt with its white space tidied, or a one-line refusal."""
+    prompt = " ".join(str(prompt or "").split())
+    if not prompt:
+        raise ValueError("type a prompt: a short description of one object, e.g. 'a wooden rocking chair'")
+    if len(prompt) > MAX_PROMPT_CHARS:
+        raise ValueError(f"the prompt is {len(prompt)} characters long; keep it under {MAX_PROMPT_CHARS}")
+    return prompt
+
+
+@dataclass
+class TextTo3DOptions(Options):
+    """One Text to 3D run. ``preset`` "fast" or "quality" fixes the step count; "custom" takes ``steps``.
+    :meth:`recipe` turns them into the :class:`~recon3d.pipelines.sds.SDSOptions` a device runs."""
+
+    PRESET_CHOICES: ClassVar[tuple[str, ...]] = (*PRESETS, CUSTOM)
+    preset: str = "fast"
+    steps: int | None = limited(None, STEPS)  # with preset "custom" only
+    seed: int = limited(0, SEED)
+    guidance_scale: float = limited(PRESETS["fast"].guidance_scale, GUIDANCE)  # 50, as published
+    negative_prompt: str = ""
+    base: SDSOptions | None = None  # an explicit recipe (experiments, tests); its steps unless ``steps`` is given
+
+    def validate(self) -> "TextTo3DOptions":
+        super().validate()
+        if self.preset not in self.PRESET_CHOICES:
+            raise ValueError(f"unknown preset {self.preset!r}: choose one of {', '.join(self.PRESET_CHOICES)}")
+        if self.preset == CUSTOM and self.steps is None and self.base is None:
+            raise ValueError("the custom preset needs a step count")
+        if self.preset != CUSTOM and self.steps is not None and self.base is None:
+            raise ValueError(f"the {self.preset} preset runs {PRESETS[self.preset].steps:,} steps; choose custom to "
+                             f"set your own")
+        self.negative_prompt = " ".join(str(self.negative_prompt or "").split())
+        return self
+
+    @property
+    def label(self) -> str:
+        """The preset as the GLB records it: "custom" for any recipe other than a named preset's."""
+        return self.preset if self.steps is None and self.base is None else CUSTOM
+
+    def recipe(self, device: torch.device | str) -> SDSOptions:
+        """The SDS recipe on ``device``: the preset's (or ``base``), with the custom steps and guidance, within
+        the device's budget (:func:`~recon3d.pipelines.sds.for_device`)."""
+        self.validate()
+        recipe = self.base or PRESETS.get(self.preset, PRESETS["fast"])
+        steps = recipe.steps if self.steps is None else self.steps
+        return for_device(replace(recipe, steps=steps, guidance_scale=self.guidance_scale), device)
+
+
+QUICK_LOOK_STEPS = {"cpu": 20}  # DDIM steps of the quick look by device type; elsewhere MVDream's 50
+
+
+@dataclass
+class QuickLookOptions(Options):
+    """Plain 4-view DDIM sampling of what the prior imagines (no 3D)."""
+
+    seed: int = limited(0, SEED)
+    steps: int | None = limited(None, Limit("steps", 1, 200, whole=True))  # None: 50, or 20 on a CPU
+    guidance_scale: float = limited(7.5, GUIDANCE)
+    negative_prompt: str = ""
+    elevation_deg: float = limited(15.0, Limit("elevation", -90.0, 90.0))
+    size: int = limited(256, Limit("size", 64, 512, whole=True))
+
+    def device_defaults(self, device: torch.device | str) -> dict:
+        return {"steps": QUICK_LOOK_STEPS.get(torch.device(device).type, 50)}
 
 
 @dataclass
@@ -51,8 +123,8 @@ class MVDreamPrior:
     def encode(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         vae = self.parts.vae
         posterior = vae.encode((images * 2 - 1).to(self._dtype)).latent_dist  # (B, 4, S/8, S/8)
-        latents = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=generator).to(
-            posterior.mean.device, posterior.mean.dtype)
+        noise = randn_tensor(posterior.mean.shape, generator, posterior.mean.device, posterior.mean.dtype)
+        latents = posterior.mean + posterior.std * noise
         return latents.float() * vae.config.scaling_factor
 
     def predict_noise(self, noisy: torch.Tensor, t: torch.Tensor, c2w: torch.Tensor,
@@ -69,9 +141,10 @@ class MVDreamPrior:
 class TextTo3DResult:
     mesh: Mesh
     extras: dict  # written into the GLB
-    previews: torch.Tensor | None  # (4, S, S, 3) the last four views
+    previews: torch.Tensor | None  # (1, 4, 3, S, S) in [0, 1]: the last four views
     losses: list[float] = field(default_factory=list)
     radiance_field: object = None  # the optimised field (to render or mesh again)
+    elapsed: float | None = None  # seconds the optimisation ran (on the final result)
 
     def save_glb(self, path: str | Path) -> Path:
         return self.mesh.save_glb(path, extras=self.extras)
@@ -128,94 +201,80 @@ class TextTo3D:
     # ---- quick look: plain multi-view sampling ---------------------------------------------------------------
 
     @torch.no_grad()
-    def sample_views(self, prompt: str, negative_prompt: str = "", steps: int = 50, guidance_scale: float = 7.5,
-                     elevation_deg: float = 15.0, size: int = 256, generator: torch.Generator | None = None,
-                     cancel: CancelToken = NEVER) -> Iterator[Progress]:
-        """Four views 90 deg apart from text by DDIM, as MVDream samples them (prompt + ", 3d asset"); yields the
-        current x0 estimate as ``preview`` and, last, ``result`` (4, size, size, 3) in [0, 1]."""
-        generator = generator or torch.Generator().manual_seed(0)
+    def sample_views(self, prompt: str, options: QuickLookOptions | None = None,
+                     cancel: CancelToken = NEVER) -> Iterator[Event]:
+        """Four views 90 deg apart from text by DDIM, as MVDream samples them (prompt + ", 3d asset"): a
+        :class:`Preview` of the current x0 estimate every 10 steps, then :class:`Finished` with the views
+        (1, 4, 3, S, S) in [0, 1]. The initial noise comes from a CPU generator of ``options.seed``."""
+        prompt, options = check_prompt(prompt), (options or QuickLookOptions()).resolved(self.device)
         scheduler = type(self.scheduler).from_config(self.scheduler.config)  # its own step state
-        scheduler.set_timesteps(steps, device=self.device)
-        prior = MVDreamPrior(self.parts, self.encode_prompt(prompt + PROMPT_SUFFIX, negative_prompt))
-        c2w = orbit_camera(torch.arange(4.0) * 90.0, elevation_deg, 1.0).to(self.device)  # (4, 4, 4)
-        latent_size = size // 8
-        latents = torch.randn((4, 4, latent_size, latent_size), generator=generator).to(self.device)
+        scheduler.set_timesteps(options.steps, device=self.device)
+        prior = MVDreamPrior(self.parts, self.encode_prompt(prompt + PROMPT_SUFFIX, options.negative_prompt))
+        c2w = orbit_camera(torch.arange(4.0) * 90.0, options.elevation_deg, 1.0).to(self.device)  # (4, 4, 4)
+        latent_size = options.size // 8
+        latents = randn_tensor((4, 4, latent_size, latent_size), seeded(options.seed), self.device)
         for i, t in enumerate(scheduler.timesteps):
             cancel.check()
             eps_text, eps_plain = prior.predict_noise(latents, t.expand(4), c2w, None)
-            eps = eps_plain + guidance_scale * (eps_text - eps_plain)
+            eps = eps_plain + options.guidance_scale * (eps_text - eps_plain)
             out = scheduler.step(eps, t, latents)
             latents = out.prev_sample
-            preview = self.decode(out.pred_original_sample) if (i + 1) % 10 == 0 else None
-            yield Progress("sample", (i + 1) / len(scheduler.timesteps), f"DDIM step {i + 1}/{steps}", preview=preview)
-        yield Progress("done", 1.0, "four views sampled", result=self.decode(latents))
+            message = f"DDIM step {i + 1}/{options.steps}"
+            if (i + 1) % 10 == 0:
+                yield Preview(fraction=(i + 1) / options.steps, message=message,
+                              views=self.decode(out.pred_original_sample)[None], step=i + 1, steps=options.steps)
+            else:
+                yield Stage(name="sample", fraction=(i + 1) / options.steps, message=message)
+        yield Finished(fraction=1.0, message="four views sampled", result=self.decode(latents)[None])
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
-        """Latents (B, 4, h, w) -> images (B, 8h, 8w, 3) in [0, 1], on the CPU."""
+        """Latents (B, 4, h, w) -> images (B, 3, 8h, 8w) in [0, 1], on the CPU."""
         vae = self.vae
         images = vae.decode((latents / vae.config.scaling_factor).to(next(vae.parameters()).dtype)).sample
-        return ((images.float() + 1) / 2).clamp(0, 1).permute(0, 2, 3, 1).cpu()
+        return ((images.float() + 1) / 2).clamp(0, 1).cpu()
 
     # ---- score distillation ----------------------------------------------------------------------------------
 
-    def generate(self, prompt: str, negative_prompt: str = "", preset: str = "fast", steps: int | None = None,
-                 seed: int = 0, guidance_scale: float | None = None, options: SDSOptions | None = None,
-                 control: SDSControl | None = None, cancel: CancelToken = NEVER, source: str | None = None,
-                 ) -> Iterator[Progress]:
-        """SDS from text: the events of :func:`~recon3d.pipelines.sds.optimise` (plus a "mesh" result for each
-        export request), then a last event whose ``result`` is the :class:`TextTo3DResult` of the state reached
-        (all steps, Stop, or the last good step before a NaN loss)."""
-        prompt = check_prompt(prompt)
-        options = options_for(preset, steps, guidance_scale, options)
-        embeddings = self.encode_prompt(prompt, negative_prompt)
+    def generate(self, prompt: str, options: TextTo3DOptions | None = None, control: SDSControl | None = None,
+                 cancel: CancelToken = NEVER, source: str | None = None) -> Iterator[Event]:
+        """SDS from text: the events of :func:`~recon3d.pipelines.sds.optimise` (each export request becomes an
+        :class:`Exported` mesh), then :class:`Finished` with the :class:`TextTo3DResult` of the state reached
+        (all steps, Stop, or the last good step before a NaN loss). The recipe is ``options.recipe`` on this
+        pipeline's device; the GLB extras are written from the options."""
+        prompt, options = check_prompt(prompt), (options or TextTo3DOptions()).validate()
+        recipe = options.recipe(self.device)
+        embeddings = self.encode_prompt(prompt, options.negative_prompt)
         extras = {"method": METHOD, "checkpoint": source or self.parts.source, "prompt": prompt,
-                  "negative_prompt": negative_prompt, "seed": int(seed), "preset": preset if steps is None else "custom",
-                  "steps": options.steps, "guidance_scale": options.guidance_scale,
+                  "negative_prompt": options.negative_prompt, "seed": options.seed, "preset": options.label,
+                  "steps": recipe.steps, "guidance_scale": recipe.guidance_scale,
                   "random_weights": self.random_weights, "prompt_truncated": embeddings.truncated}
         if self.parts.notes:
             extras["checkpoint_notes"] = list(self.parts.notes)
         if embeddings.truncated:
-            yield Progress("prompt", 0.0, f"the prompt is longer than {self.max_prompt_tokens} tokens; "
-                                          "only its beginning is used")
-        generator = torch.Generator().manual_seed(int(seed))
+            yield Note(fraction=0.0, message=f"the prompt is longer than {self.max_prompt_tokens} tokens; only its "
+                                             f"beginning is used")
         prior = MVDreamPrior(self.parts, embeddings)
-        yield from distill_to_mesh(prior, options, generator, self.device, extras, control, cancel)
-
-
-def check_prompt(prompt: str) -> str:
-    prompt = " ".join((prompt or "").split())
-    if not prompt:
-        raise ValueError("type a prompt: a short description of one object, e.g. 'a wooden rocking chair'")
-    return prompt
-
-
-def options_for(preset: str, steps: int | None, guidance_scale: float | None,
-                options: SDSOptions | None = None) -> SDSOptions:
-    """The recipe of a preset ("fast", "quality") with an optional custom step count and guidance scale."""
-    if options is None:
-        if preset not in PRESETS:
-            raise ValueError(f"unknown preset {preset!r}: choose one of {', '.join(PRESETS)}")
-        options = PRESETS[preset]
-    changes = {k: v for k, v in (("steps", steps), ("guidance_scale", guidance_scale)) if v is not None}
-    return replace(options, **changes)  # (validated again by SDSOptions.__post_init__)
+        yield from distill_to_mesh(prior, recipe, seeded(options.seed), self.device, extras, control, cancel)
 
 
 def distill_to_mesh(prior, options: SDSOptions, generator: torch.Generator, device: torch.device | str,
                     extras: dict, control: SDSControl | None = None, cancel: CancelToken = NEVER,
-                    ) -> Iterator[Progress]:
+                    ) -> Iterator[Event]:
     """:func:`optimise`, turning its export requests and its end into meshes (:class:`TextTo3DResult`)."""
     last_preview = None
     for event in optimise(prior, options, generator, device, control, cancel):
-        if event.preview is not None:
-            last_preview = event.preview
-        if event.stage == "export":
-            yield Progress("mesh", event.fraction, f"mesh of step {event.result.step}",
-                           result=export_state(event.result, options, extras, last_preview, cancel))
-        elif event.stage == "done":
-            state: SDSState = event.result
-            result = export_state(state, options, {**extras, "stopped": event.metrics["stopped"]}, last_preview, cancel)
-            yield Progress("done", 1.0, event.message, result=result, metrics=event.metrics)
+        if isinstance(event, Preview):
+            last_preview = event.views
+        if isinstance(event, Exported):
+            result = export_state(event.result, options, extras, last_preview, cancel)
+            yield Exported(fraction=event.fraction, message=f"mesh of step {event.result.step}", result=result)
+        elif isinstance(event, Finished):
+            outcome: SDSOutcome = event.result
+            extras_now = {**extras, "stopped": outcome.stopped}
+            result = export_state(outcome.state, options, extras_now, last_preview, cancel)
+            result.elapsed = outcome.elapsed
+            yield Finished(fraction=1.0, message=event.message, result=result)
         else:
             yield event
 
@@ -225,16 +284,7 @@ def export_state(state: SDSState, options: SDSOptions, extras: dict, previews: t
     """Marching cubes on the field at its iso level, vertex colours; an almost empty field falls back to the
     mesher's automatic level so an early export still shows something."""
     settings = MeshSettings(resolution=options.mesh_resolution, min_part_fraction=0.05)
-    extras = {**extras, "steps_done": state.step}
-    try:
-        mesh, grid = extract_mesh(state.field, settings, cancel=cancel)
-    except EmptyMeshError:
-        mesh, grid = extract_mesh(state.field, replace(settings, level=None), cancel=cancel)
-        extras["iso_level"] = "automatic (the field had no surface at its level yet)"
-    extras.setdefault("iso_level", float(grid.stats["level"]))
+    mesh, grid, note = extract_mesh_or_fallback(state.field, settings, cancel=cancel)
+    level = "automatic (the field had no surface at its level yet)" if note else float(grid.stats["level"])
+    extras = {**extras, "steps_done": state.step, "iso_level": level}
     return TextTo3DResult(mesh, extras, previews, list(state.losses), state.field)
-
-
-def views_strip(views: torch.Tensor) -> "Image.Image":
-    """Views (V, S, S, 3) in [0, 1], as the previews and the quick look give them, side by side in one image."""
-    return views_grid(views.permute(0, 3, 1, 2)[None])

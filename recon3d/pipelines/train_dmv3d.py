@@ -24,7 +24,8 @@ import torch.nn.functional as F
 from ..cancel import NEVER, CancelToken
 from ..datasets import MultiViewDataset
 from ..models.dmv3d import CONFIGS, DMV3DConfig, align_to_first_view, new_dmv3d
-from .progress import Progress
+from ..noise import derived, rand_tensor, randint, randint_tensor, randn_tensor, randperm, seeded
+from .events import Event, Finished, Stage
 
 STATE_DIR = "accelerate-state"  # inside the output folder: optimizer, RNG and step, for --resume
 LOSS_LOG = "loss.jsonl"
@@ -79,13 +80,13 @@ def input_groups(dataset: MultiViewDataset, views: int) -> list[list[int]]:
 def pick_views(total: int, views: int, holdout: int, groups: list[list[int]], generator: torch.Generator) -> list[int]:
     """Input views (the first is the conditioning view) then held-out views, as indices into an object's views."""
     if groups:
-        group = groups[int(torch.randint(len(groups), (1,), generator=generator))]
-        shift = int(torch.randint(len(group), (1,), generator=generator))
+        group = groups[randint(0, len(groups), generator)]
+        shift = randint(0, len(group), generator)
         chosen = group[shift:] + group[:shift]  # any member of the group may be the conditioning view
     else:
-        chosen = torch.randperm(total, generator=generator)[:views].tolist()
+        chosen = randperm(total, generator)[:views].tolist()
     rest = [i for i in range(total) if i not in chosen]
-    order = torch.randperm(len(rest), generator=generator)[:holdout].tolist()
+    order = randperm(len(rest), generator)[:holdout].tolist()
     return chosen + [rest[i] for i in order]
 
 
@@ -117,12 +118,12 @@ def diffusion_loss(model, scheduler, data: dict, cfg: DMV3DConfig, options: Trai
     targets, c2w, intrinsics = data["targets"], data["c2w"], data["intrinsics"]
     b, v = targets.shape[0], cfg.views
     x0 = data["inputs"]
-    t = torch.randint(0, cfg.num_train_timesteps, (b,), generator=generator)
-    noise = torch.randn(x0.shape, generator=generator)
+    t = randint_tensor(0, cfg.num_train_timesteps, (b,), generator)  # (B,) on the generator's CPU
+    noise = randn_tensor(x0.shape, generator)
     noisy = scheduler.add_noise(x0.cpu(), noise, t).to(x0.device)  # (B, V, 3, H, W)
-    clean = (torch.rand(b, generator=generator) < options.clean_first_view).to(x0.device)
+    clean = (rand_tensor((b,), generator) < options.clean_first_view).to(x0.device)
     noisy[:, 0] = torch.where(clean[:, None, None, None], x0[:, 0], noisy[:, 0])
-    render_generators = [torch.Generator().manual_seed(int(s)) for s in torch.randint(2 ** 62, (b,), generator=generator)]
+    render_generators = [derived(generator) for _ in range(b)]
     _, renders = model(noisy, c2w[:, :v], intrinsics[:, :v], t.to(x0.device), None, c2w, intrinsics,
                        render_generators, targets.shape[-1])
     loss = F.mse_loss(renders.float(), targets.float())
@@ -149,9 +150,9 @@ def _load_lpips(options: TrainOptions):
     return lpips.LPIPS(net="vgg").eval().requires_grad_(False)
 
 
-def train(options: TrainOptions, cancel: CancelToken = NEVER) -> Iterator[Progress]:
-    """Run training as progress events (every ``log_every`` steps: step, loss); the last carries the
-    checkpoint folder. Resumes from ``output`` when ``resume`` is set and a saved state exists."""
+def train(options: TrainOptions, cancel: CancelToken = NEVER) -> Iterator[Event]:
+    """Run training as events (a :class:`Stage` every ``log_every`` steps, saying the step and loss, whose
+    numbers are also appended to OUTPUT/loss.jsonl); :class:`Finished` carries the checkpoint folder. Resumes from ``output`` when ``resume`` is set and a saved state exists."""
     from accelerate import Accelerator
     from accelerate.utils import DistributedDataParallelKwargs, set_seed
 
@@ -169,7 +170,7 @@ def train(options: TrainOptions, cancel: CancelToken = NEVER) -> Iterator[Progre
                          f"{cfg.views} inputs + {options.holdout_views} held out")
     loader = torch.utils.data.DataLoader(dataset, batch_size=options.batch_size, shuffle=True, drop_last=True,
                                          num_workers=options.workers,
-                                         generator=torch.Generator().manual_seed(options.seed))
+                                         generator=seeded(options.seed))
     model = new_dmv3d(cfg, options.seed).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=options.learning_rate, weight_decay=0.01,
                                   betas=(0.9, 0.95))
@@ -183,12 +184,12 @@ def train(options: TrainOptions, cancel: CancelToken = NEVER) -> Iterator[Progre
     log = output / LOSS_LOG
     started, losses = time.perf_counter(), []
     if accelerator.is_main_process:  # one voice for all processes
-        yield Progress("start", step / options.steps, f"Training {options.config} from step {step} on "
-                       f"{accelerator.num_processes} process(es), {accelerator.device}")
+        yield Stage(name="start", fraction=step / options.steps, message=f"Training {options.config} from step "
+                    f"{step} on {accelerator.num_processes} process(es), {accelerator.device}")
     while step < options.steps:
         for batch in loader:
             cancel.check()
-            generator = torch.Generator().manual_seed(options.seed * 1_000_003 + step * 9_973 + accelerator.process_index)
+            generator = seeded(options.seed * 1_000_003 + step * 9_973 + accelerator.process_index)
             data = {k: v.to(accelerator.device) for k, v in
                     training_batch(batch, cfg, options.holdout_views, groups, generator, options.render_size).items()}
             for group in optimizer.param_groups:
@@ -212,13 +213,13 @@ def train(options: TrainOptions, cancel: CancelToken = NEVER) -> Iterator[Progre
                 if accelerator.is_main_process:
                     with log.open("a") as handle:
                         handle.write(json.dumps(record) + "\n")
-                    yield Progress("train", step / options.steps, f"step {step}: loss {record['loss']:.4f}",
-                                   preview=record)
+                    yield Stage(name="train", fraction=step / options.steps,
+                                message=f"step {step}: loss {record['loss']:.4f}")
             if step % options.checkpoint_every == 0 or step == options.steps:
                 _save(accelerator, model, output)
             if step >= options.steps:
                 break
-    yield Progress("done", 1.0, f"Checkpoint in {output}", result=output)
+    yield Finished(fraction=1.0, message=f"Checkpoint in {output}", result=output)
 
 
 class StepCounter:

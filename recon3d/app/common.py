@@ -1,0 +1,94 @@
+"""What every tab shares: the upload widget, who the visitor is, the GPU queue, a job run in a worker thread with
+its failures turned into one line, form numbers checked by the library's limits, and the 3D viewer."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+from typing import AsyncIterator, Callable, Iterator, TypeVar
+
+import gradio as gr
+
+from ..errors import user_message
+from ..pipelines.events import Event, Finished
+from ..sessions import iterate_in_thread
+
+log = logging.getLogger("recon3d.app")
+ASSETS = Path(__file__).resolve().parents[2]  # the repository (examples/, bench/results/) when run from a clone
+EXAMPLES = sorted(str(p) for p in (ASSETS / "examples").glob("*.png"))
+GPU_QUEUE = "gpu"  # every event that uses the model shares this concurrency group
+SWITCHES = "switches"  # buttons that answer at once, beside a running job (no limit)
+VIEWER_BACKGROUND = (0.85, 0.85, 0.85, 1.0)
+UPLOAD_FIRST = "Upload an image first (PNG, JPEG or WebP)."
+T = TypeVar("T")
+
+
+class UploadedImage(gr.Image):
+    """gr.Image whose upload reaches the handler undecoded, as a file path: recon3d.images checks it (format,
+    header size, truncation) and refuses it with its own one-line message, where gr.Image would decode it with
+    PIL first and answer a bad file with a multi-line error that names server paths. Inline base64 images (API
+    only: the page uploads files) are refused: they would bypass the per-visitor file handling."""
+
+    is_template = True  # the browser side is gr.Image's
+
+    def preprocess(self, payload):
+        if payload is None:
+            return None
+        if payload.path is None or (payload.url or "").startswith("data:"):
+            raise gr.Error("Send the image as a file upload (gradio_client: handle_file), not as inline data.")
+        return str(payload.path)
+
+
+def image_input(elem_id: str) -> UploadedImage:
+    return UploadedImage(label="Input image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                         elem_id=elem_id)
+
+
+def viewer(label: str, height: int, elem_id: str) -> gr.Model3D:
+    return gr.Model3D(label=label, clear_color=VIEWER_BACKGROUND, height=height, elem_id=elem_id)
+
+
+def is_example(path: str) -> bool:
+    """Whether ``path`` is one of the examples (Gradio's cached copies keep their name): shared by all visitors,
+    so never deleted with one of them."""
+    same_name = [Path(example) for example in EXAMPLES if Path(example).name == Path(path).name]
+    return any(example.read_bytes() == Path(path).read_bytes() for example in same_name)
+
+
+def visitor_id(request: gr.Request | None) -> str:
+    return request.session_hash if request is not None and request.session_hash else "anonymous"
+
+
+def checked(make: Callable[[], T]) -> T:
+    """``make()``, with a ValueError of the library's checks (ranges, seeds, presets) shown as the UI's one-line
+    error: the page states no rule of its own."""
+    try:
+        return make()
+    except ValueError as exc:
+        raise gr.Error(user_message(exc)) from None
+
+
+async def visitor_job(job: Iterator[Event], cancel, name: str) -> AsyncIterator[Event]:
+    """A visitor's job run in a worker thread, its events passed on; whatever goes wrong reaches the visitor as
+    one line (an unexpected error's traceback goes to the log), and the app keeps serving."""
+    try:
+        async for event in iterate_in_thread(job, cancel):
+            yield event
+    except Exception as exc:
+        message = user_message(exc)
+        if message is None:
+            log.exception("%s failed", name)
+            message = f"Unexpected error ({type(exc).__name__}); the server log has the details."
+        else:
+            log.info("%s refused: %s", name, message)
+        raise gr.Error(message) from None
+
+
+async def job_result(job: Iterator[Event], cancel, name: str, progress: Callable) -> object:
+    """Run a visitor's job to its end, its progress shown on ``progress`` (gr.Progress); its result."""
+    result = None
+    async for event in visitor_job(job, cancel, name):
+        progress(event.fraction, desc=event.message)
+        if isinstance(event, Finished):
+            result = event.result
+    return result

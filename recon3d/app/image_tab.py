@@ -1,0 +1,128 @@
+"""The Image to 3D tab (LRM): one photo in, the processed input, a viewer, the GLB and the time each stage took."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import gradio as gr
+
+from ..checkpoints import DEFAULT_LRM, OPENLRM_LICENCE
+from ..images import FOREGROUND_RATIO
+from ..mesh import RESOLUTION, default_resolution
+from ..pipelines.image_to_3d import FLOATER_FRACTION, ImageTo3DOptions
+from ..service import ImageOutputs, ModelService, image_job
+from ..sessions import Sessions
+from .common import (ASSETS, EXAMPLES, GPU_QUEUE, UPLOAD_FIRST, checked, image_input, is_example, job_result, viewer,
+                     visitor_id)
+
+CPU_BENCHMARK = ASSETS / "bench" / "results" / "lrm-cpu.json"  # what a job costs on a CPU, shown on the page
+RANDOM_NOTE = "\n\n**Random weights: this mesh is meaningless.**"
+
+
+def intro(sessions: Sessions) -> str:
+    return (f"LRM (Hong et al., ICLR 2024) with the OpenLRM v1.1 weights, licensed **{OPENLRM_LICENCE}**. Your "
+            f"files are private to this browser tab and deleted when you close it (API calls: after "
+            f"{sessions.ttl_s / 60:g} minutes).")
+
+
+def timings_table(outputs: ImageOutputs) -> str:
+    result = outputs.result
+    rows = "\n".join(f"| {stage.replace('_', ' ')} | {seconds:.3f} |" for stage, seconds in result.timings.items())
+    total = sum(result.timings.values())
+    stats = result.stats
+    notes = "".join(f"\n\n> {note}" for note in result.notes)
+    return (f"| stage | seconds |\n|---|---|\n{rows}\n| **total** | **{total:.3f}** |\n\n"
+            f"{stats['faces']:,} triangles, {stats['vertices']:,} vertices; the field was queried at "
+            f"{stats['field_queries']:,} points (a dense grid: {stats['dense_queries']:,})"
+            + notes + (RANDOM_NOTE if outputs.random_weights else ""))
+
+
+def load_cpu_costs(bench_json: str | Path) -> dict[str, dict[int, float]]:
+    """Image -> GLB seconds on a CPU per checkpoint size and mesh resolution, as bench/lrm.py recorded them
+    ({} when the file is missing or holds no CPU run)."""
+    try:
+        runs = json.loads(Path(bench_json).read_text())["runs"]
+    except (OSError, ValueError, KeyError):
+        return {}
+    costs: dict[str, dict[int, float]] = {}
+    for run in runs:
+        if run.get("status") == "ok" and run.get("device") == "cpu" and run.get("dtype") == "float32":
+            costs.setdefault(run["size"], {})[int(run["resolution"])] = float(run["seconds"]["total"])
+    return costs
+
+
+def cpu_cost_note(costs: dict[str, dict[int, float]]) -> str:
+    """One sentence for people: what a job costs on a CPU server at each resolution."""
+    if not costs:
+        return "On a CPU a job takes minutes at 256 and above."
+    parts = [f"{size}: " + ", ".join(f"{seconds:.0f} s at {resolution}" for resolution, seconds in sorted(c.items()))
+             for size, c in costs.items()]
+    return ("On this CPU server a job takes about " + "; ".join(parts) + " (bench/lrm.py on 2 cores with "
+            "random weights, whose noisy field makes meshing slower than for a real object).")
+
+
+def resolution_help(service: ModelService) -> str:
+    text = f"{RESOLUTION.text}, points per axis of the density grid."
+    return f"{text} {cpu_cost_note(load_cpu_costs(CPU_BENCHMARK))}" if service.device.type == "cpu" else text
+
+
+def form_options(remove_background, foreground_ratio, mesh_resolution, remove_floaters) -> ImageTo3DOptions:
+    """The form's values as the pipeline's options, checked by the library (refused, never clamped)."""
+    return checked(lambda: ImageTo3DOptions(
+        foreground_ratio=foreground_ratio, mesh_resolution=mesh_resolution, remove_background=bool(remove_background),
+        remove_floaters=FLOATER_FRACTION if remove_floaters else 0.0).validate())
+
+
+def make_handler(service: ModelService, sessions: Sessions):
+    async def image_to_3d(image_path, checkpoint, remove_background, foreground_ratio, mesh_resolution,
+                          remove_floaters=True, request: gr.Request = None, progress=gr.Progress()):
+        """Reconstruct a textured mesh from one image. Returns the processed input, the GLB (viewer and file)
+        and a table of stage timings."""
+        if not image_path:
+            raise gr.Error(UPLOAD_FIRST)
+        options = form_options(remove_background, foreground_ratio, mesh_resolution, remove_floaters)
+        session = visitor_id(request)
+        if not is_example(image_path):  # the visitor's own upload leaves with them
+            sessions.adopt(session, image_path)
+        with sessions.job(session) as cancel:
+            job = image_job(service, sessions, session, checkpoint, image_path, options, cancel)
+            outputs: ImageOutputs = await job_result(job, cancel, "image_to_3d", progress)
+        return str(outputs.processed), str(outputs.glb), str(outputs.glb), timings_table(outputs)
+
+    return image_to_3d
+
+
+def build(service: ModelService, sessions: Sessions) -> None:
+    """The tab's widgets and events (inside a ``gr.Tab``)."""
+    gr.Markdown(intro(sessions))
+    choices = service.lrm_choices()
+    default = DEFAULT_LRM if any(v == DEFAULT_LRM for _, v in choices) else choices[0][1]
+    with gr.Row():
+        with gr.Column():
+            image = image_input("input-image")
+            checkpoint = gr.Dropdown(choices, value=default, label="Checkpoint")
+            remove_background = gr.Checkbox(True, label="Remove background (when the image has no transparency)")
+            foreground_ratio = gr.Number(ImageTo3DOptions.foreground_ratio, step=0.05,
+                                         label=f"Foreground ratio ({FOREGROUND_RATIO.text})",
+                                         info="The object's longer side as a fraction of the square input.",
+                                         elem_id="foreground-ratio")
+            mesh_resolution = gr.Number(default_resolution(service.device), step=32,
+                                        label=f"Mesh resolution ({RESOLUTION.text})", info=resolution_help(service),
+                                        elem_id="mesh-resolution")
+            remove_floaters = gr.Checkbox(True, label="Remove floaters (small detached parts)")
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", elem_id="generate")
+                cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
+            gr.Examples(EXAMPLES, inputs=[image], label="Examples (click one)")
+        with gr.Column():
+            processed = gr.Image(label="Processed input", interactive=False, height=200, type="filepath")
+            model = viewer("3D model", 420, "viewer")
+            download = gr.File(label="Download GLB", elem_id="download")
+            timings = gr.Markdown(elem_id="timings")
+    job = generate.click(make_handler(service, sessions),
+                         inputs=[image, checkpoint, remove_background, foreground_ratio, mesh_resolution,
+                                 remove_floaters],
+                         outputs=[processed, model, download, timings], show_progress_on=[model],
+                         api_name="image_to_3d", concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    cancel.click(fn=None, cancels=[job], api_name=False)

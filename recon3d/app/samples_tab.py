@@ -1,0 +1,173 @@
+"""The Stochastic samples tab (DMV3D): several plausible objects for one photo, one per seed, side by side."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import gradio as gr
+
+from ..images import FOREGROUND_RATIO
+from ..options import limit_of
+from ..pipelines.events import Finished
+from ..pipelines.sample_3d import COUNT, MAX_SEEDS, SampleOptions, seeds_to_add
+from ..service import RANDOM_DMV3D_CHOICES, ModelService, PreviewFile, SampleShown, ShownSample, file_digest, sample_job
+from ..sessions import Sessions
+from .common import (EXAMPLES, GPU_QUEUE, UPLOAD_FIRST, checked, image_input, is_example, viewer, visitor_id,
+                     visitor_job)
+
+RANDOM_NOTE = "\n\n**Random weights: these samples are meaningless.**"
+STEPS = limit_of(SampleOptions, "steps")
+
+
+def intro(service: ModelService) -> str:
+    default_is_random = service.dmv3d_choices()[0][1] in RANDOM_DMV3D_CHOICES
+    return ("DMV3D (Xu et al., ICLR 2024): a photo does not fix the back of an object, so each seed gives another "
+            "plausible one. Every denoising step is itself a 3D model (the preview shows its views). No public DMV3D "
+            "weights exist: "
+            + ("**no DMV3D checkpoint is installed, so this tab runs random weights** (meaningless shapes)."
+               if default_is_random else
+               "the default model was **trained on procedural shapes only** (boxes, spheres, cylinders, cones, tori) "
+               "by recon3d, from 32-pixel images, so expect such shapes."))
+
+
+def form_options(service: ModelService, count, seeds_text, steps, remove_background, foreground_ratio,
+                 shown: list[ShownSample], adding: bool) -> SampleOptions:
+    """The form's values as sampler options for new samples next to ``shown``, checked by the library (the mesh
+    resolution is the server device's default)."""
+    def make() -> SampleOptions:
+        options = SampleOptions(seeds=[0], steps=steps, remove_background=bool(remove_background),
+                                foreground_ratio=foreground_ratio).resolved(service.device)
+        options.seeds = seeds_to_add(count, seeds_text, [sample.seed for sample in shown], adding)
+        return options.validate()
+
+    return checked(make)
+
+
+def samples_to_keep(shown: list[ShownSample], checkpoint: str, image_path: str) -> tuple[list[ShownSample], str]:
+    """The samples "More samples" adds to: those whose files still exist (outputs expire), and a note when some
+    expired. Samples of another checkpoint or image cannot share a comparison: refused with a message."""
+    kept = [sample for sample in shown if Path(sample.glb).is_file()]
+    note = f" ({len(shown) - len(kept)} earlier samples had expired)" if len(kept) < len(shown) else ""
+    if kept and (kept[0].checkpoint != checkpoint or kept[0].image != file_digest(image_path)):
+        raise gr.Error("More samples adds to samples of the same image and checkpoint: press Generate to start over.")
+    return kept, note
+
+
+class SampleSlots:
+    """The page's places for samples, side by side: each a seed line, a 3D viewer and a GLB download.
+    The viewers stay mounted (empty until their sample arrives): a gr.Model3D that starts hidden never gets its
+    canvas in Gradio 6.31, so only the captions and files are shown and hidden."""
+
+    def __init__(self, count: int, per_row: int = 4):
+        self.captions, self.viewers, self.files = [], [], []
+        for first in range(0, count, per_row):
+            with gr.Row(equal_height=True):
+                for index in range(first, min(first + per_row, count)):
+                    with gr.Column(min_width=200):
+                        self.captions.append(gr.Markdown(visible=False, elem_id=f"sample-caption-{index}"))
+                        self.viewers.append(viewer(f"Sample {index + 1}", 240, f"sample-{index}"))
+                        self.files.append(gr.File(visible=False, label="GLB", elem_id=f"sample-file-{index}"))
+
+    @property
+    def components(self) -> list:
+        return [*self.captions, *self.viewers, *self.files]
+
+    def show(self, index: int, sample: ShownSample) -> dict:
+        """Slot ``index`` shows ``sample`` (the other slots are left as they are: no viewer reloads)."""
+        text = f"**Seed {sample.seed}**" + (" · random weights" if sample.random_weights else "")
+        text += f"  \n_{sample.note}_" if sample.note else ""
+        return {self.captions[index]: gr.update(value=text, visible=True), self.viewers[index]: str(sample.glb),
+                self.files[index]: gr.update(value=str(sample.glb), visible=True)}
+
+    def clear(self, start: int = 0) -> dict:
+        """Empty the slots from ``start`` on."""
+        updates = {}
+        for caption, model, file in list(zip(self.captions, self.viewers, self.files))[start:]:
+            updates |= {caption: gr.update(value="", visible=False), model: None,
+                        file: gr.update(value=None, visible=False)}
+        return updates
+
+
+def make_handler(service: ModelService, sessions: Sessions, slots: SampleSlots, outputs: dict, adding: bool):
+    """Generate (``adding=False``: start over) or More samples (add to those shown). Streams the x0 preview at
+    every step and each sample as it finishes; the last update adds the comparison image."""
+    status, preview, comparison, all_files, state = (outputs[k] for k in
+                                                     ("status", "preview", "comparison", "files", "state"))
+
+    async def sample_3d(image_path, checkpoint, count, seeds_text, steps, remove_background, foreground_ratio,
+                        shown=None, request: gr.Request = None, progress=gr.Progress()):
+        """Several plausible 3D objects from one image, one per seed: each a GLB, with a comparison image."""
+        if not image_path:
+            raise gr.Error(UPLOAD_FIRST)
+        shown, expired = samples_to_keep(list(shown or []), checkpoint, image_path) if adding else ([], "")
+        options = form_options(service, count, seeds_text, steps, remove_background, foreground_ratio, shown, adding)
+        session = visitor_id(request)
+        if not is_example(image_path):
+            sessions.adopt(session, image_path)
+        label = RANDOM_NOTE if checkpoint in RANDOM_DMV3D_CHOICES else ""
+        samples, grid, last_preview = list(shown), None, None
+        files = lambda: [str(sample.glb) for sample in samples]  # noqa: E731
+        yield {status: f"Sampling seeds {', '.join(map(str, options.seeds))}{expired}" + label, state: samples,
+               all_files: files() or None, **slots.clear(len(samples))}
+        with sessions.job(session) as cancel:
+            job = sample_job(service, sessions, session, checkpoint, image_path, options, shown, cancel)
+            async for event in visitor_job(job, cancel, "sample_3d"):
+                progress(event.fraction, desc=event.message)
+                update = {status: event.message + expired + label}
+                if isinstance(event, PreviewFile):
+                    update[preview] = last_preview = str(event.path)
+                elif isinstance(event, SampleShown):
+                    samples.append(event.sample)
+                    update |= slots.show(len(samples) - 1, event.sample) | {state: samples, all_files: files()}
+                elif isinstance(event, Finished):
+                    grid = event.result
+                yield update
+        seeds = ", ".join(str(sample.seed) for sample in samples)
+        yield {status: f"{len(samples)} samples (seeds {seeds}): the same seed and settings give the same "
+                       f"object again{expired}." + label,
+               comparison: str(grid), all_files: files(), state: samples, preview: last_preview}
+
+    return sample_3d
+
+
+def build(service: ModelService, sessions: Sessions) -> None:
+    """The tab's widgets and events (inside a ``gr.Tab``)."""
+    gr.Markdown(intro(service))
+    choices = service.dmv3d_choices()
+    with gr.Row():
+        with gr.Column(scale=1):
+            image = image_input("samples-image")
+            checkpoint = gr.Dropdown(choices, value=choices[0][1], label="DMV3D checkpoint")
+            count = gr.Slider(int(COUNT.low), int(COUNT.high), value=4, step=1,
+                              label=f"Number of samples ({COUNT.text})", elem_id="samples-count")
+            seeds = gr.Textbox(label="Seeds (optional)", placeholder="e.g. 1, 7, 42; empty: new random seeds",
+                               info="A list overrides the number of samples; a seed gives the same sample again.",
+                               elem_id="samples-seeds")
+            steps = gr.Number(SampleOptions.steps, step=1, label=f"Denoising steps ({STEPS.text})",
+                              elem_id="samples-steps")
+            remove_background = gr.Checkbox(True, label="Remove background (when the image has no transparency)")
+            foreground_ratio = gr.Number(SampleOptions.foreground_ratio, step=0.05,
+                                         label=f"Foreground ratio ({FOREGROUND_RATIO.text})")
+            with gr.Row():
+                generate = gr.Button("Generate", variant="primary", elem_id="samples-generate")
+                more = gr.Button("More samples", elem_id="samples-more")
+                cancel = gr.Button("Cancel", variant="stop", elem_id="samples-cancel")
+            gr.Examples(EXAMPLES, inputs=[image], label="Examples (click one)")
+        with gr.Column(scale=2):
+            status = gr.Markdown(elem_id="samples-status")
+            with gr.Row():
+                preview = gr.Image(label="Denoising: current x0 views (rows: samples, columns: views)",
+                                   interactive=False, type="filepath", height=200, elem_id="samples-preview")
+                comparison = gr.Image(label="Comparison: every sample from the same angles", interactive=False,
+                                      type="filepath", height=200, elem_id="samples-comparison")
+            files = gr.File(label="All GLBs", file_count="multiple", elem_id="samples-files")
+    slots = SampleSlots(MAX_SEEDS)  # each a 3D viewer: browsers cap WebGL contexts
+    state = gr.State([])
+    outputs = {"status": status, "preview": preview, "comparison": comparison, "files": files, "state": state}
+    inputs = [image, checkpoint, count, seeds, steps, remove_background, foreground_ratio, state]
+    events = []
+    for button, adding, api_name in ((generate, False, "sample_3d"), (more, True, "more_samples")):
+        events.append(button.click(make_handler(service, sessions, slots, outputs, adding), inputs=inputs,
+                                   outputs=[*outputs.values(), *slots.components], show_progress_on=[comparison],
+                                   api_name=api_name, concurrency_id=GPU_QUEUE, concurrency_limit=1))
+    cancel.click(fn=None, cancels=events, api_name=False)

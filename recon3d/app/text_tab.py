@@ -1,0 +1,215 @@
+"""The Text to 3D tab (MVDream SDS): a quick look at what the prior imagines, then score distillation into a mesh
+with a live status, previews, the loss curve, Export now and Stop & keep."""
+
+from __future__ import annotations
+
+import math
+import threading
+import time
+
+import gradio as gr
+
+from ..options import limit_of
+from ..pipelines.events import Finished, Note, StepReport
+from ..pipelines.sds import PRESETS, SDSControl
+from ..pipelines.text_to_3d import CUSTOM, QuickLookOptions, TextTo3DOptions, TextTo3DResult, check_prompt
+from ..service import MeshFile, ModelService, PreviewFile, quick_look_job, text_job
+from ..sessions import Sessions
+from .common import GPU_QUEUE, SWITCHES, checked, job_result, viewer, visitor_id, visitor_job
+
+INTRO = ("MVDream (Shi et al., ICLR 2024) score distillation: a 3D field is optimised until four views of it, 90 "
+         "degrees apart, look like what the multi-view diffusion prior expects for your prompt. The preview "
+         "refreshes every few seconds; **Export now** writes a GLB of the current state, **Stop & keep** ends the "
+         "run and exports it. The job keeps running while this tab is in the background and is cancelled when you "
+         "close it. Weights: CreativeML OpenRAIL-M.")
+CPU_NOTE = ("**This server has no GPU**: with the real MVDream a step takes one to two minutes here "
+            "(bench/results/sds-cpu.json), so even the fast schedule takes days. Use a custom step count to try it, "
+            "or run recon3d on a GPU.")
+EXAMPLES = ["a wooden rocking chair", "a ceramic teapot with a bamboo handle", "a red fire hydrant",
+            "a cute corgi wearing a knitted hat"]
+UI_INTERVAL_S = 0.5  # the page gets a status update at most this often (previews and meshes at once)
+RANDOM_NOTE = "\n\n**Random weights: this object is meaningless.**"
+STEPS, SEED, GUIDANCE = (limit_of(TextTo3DOptions, name) for name in ("steps", "seed", "guidance_scale"))
+
+
+class TextControls:
+    """The Stop / Export-now switches of each visitor's running Text to 3D job."""
+
+    def __init__(self):
+        self._controls: dict[str, SDSControl] = {}
+        self._lock = threading.Lock()
+
+    def start(self, session: str) -> SDSControl:
+        with self._lock:
+            self._controls[session] = SDSControl()
+            return self._controls[session]
+
+    def get(self, session: str) -> SDSControl | None:
+        with self._lock:
+            return self._controls.get(session)
+
+    def finish(self, session: str, control: SDSControl) -> None:
+        with self._lock:
+            if self._controls.get(session) is control:
+                del self._controls[session]
+
+
+def form_options(preset, steps, seed, guidance_scale, negative_prompt) -> TextTo3DOptions:
+    """The form's values as the pipeline's options, checked by the library; the Steps box counts with "custom"."""
+    return checked(lambda: TextTo3DOptions(preset=preset, steps=steps if preset == CUSTOM else None, seed=seed,
+                                           guidance_scale=guidance_scale,
+                                           negative_prompt=str(negative_prompt or "")).validate())
+
+
+def loss_table(losses: list[tuple[int, float]], points: int = 400):
+    """The loss curve for gr.LinePlot, thinned to at most ``points`` rows; log10, as SDS losses fall by orders of
+    magnitude while t anneals."""
+    import pandas as pd
+
+    stride = max(1, len(losses) // points)
+    rows = losses[::stride]
+    if losses and rows[-1] != losses[-1]:
+        rows.append(losses[-1])  # always end at the latest step
+    return pd.DataFrame({"step": pd.Series([step for step, _ in rows], dtype="int64"),
+                         "log10 loss": pd.Series([math.log10(max(loss, 1e-12)) for _, loss in rows], dtype="float64")})
+
+
+def step_status(report: StepReport) -> str:
+    low, high = report.t_range
+    return (f"Step {report.step:,}/{report.steps:,} · loss {report.loss:.4g} · t in [{low:.2f}, {high:.2f}] · "
+            f"{report.resolution} px · elapsed {report.elapsed:.0f} s · ETA {report.eta:.0f} s")
+
+
+def end_status(result: TextTo3DResult) -> str:
+    extras, stopped = result.extras, result.extras.get("stopped", "done")
+    ending = {"done": "Done", "stop": "Stopped"}.get(stopped, f"Stopped: {stopped}")
+    return (f"{ending} at step {extras['steps_done']:,}/{extras['steps']:,} after {result.elapsed or 0:.0f} s; "
+            f"the GLB below is that state.")
+
+
+def make_handler(service: ModelService, sessions: Sessions, controls: TextControls, outputs: dict):
+    status, preview, plot, model, download = (outputs[k] for k in ("status", "preview", "plot", "viewer", "download"))
+
+    async def text_to_3d(prompt, negative_prompt, preset, steps, seed, guidance_scale, checkpoint,
+                         request: gr.Request = None, progress=gr.Progress()):
+        """Optimise a 3D object from text by score distillation with MVDream. Streams the status, a preview of
+        four views, the loss curve and each GLB (exports on request, then the final one)."""
+        prompt = checked(lambda: check_prompt(prompt))
+        options = form_options(preset, steps, seed, guidance_scale, negative_prompt)
+        session = visitor_id(request)
+        note = RANDOM_NOTE if service.settings.random_weights else ""
+        losses, last_sent, warning, line = [], 0.0, "", "Loading MVDream"
+        control = controls.start(session)
+        try:
+            with sessions.job(session) as cancel:
+                job = text_job(service, sessions, session, checkpoint, prompt, options, control, cancel)
+                async for event in visitor_job(job, cancel, "text_to_3d"):
+                    progress(event.fraction, desc=event.message)
+                    update = {}
+                    if isinstance(event, StepReport):
+                        losses.append((event.step, event.loss))
+                        line = step_status(event)
+                    elif isinstance(event, Note):
+                        warning = f"\n\n_{event.message[:1].upper()}{event.message[1:]}._"
+                    elif isinstance(event, PreviewFile):
+                        update[preview] = str(event.path)
+                    elif isinstance(event, MeshFile):
+                        update |= {model: str(event.path), download: str(event.path)}
+                        line = end_status(event.result) if event.final else line
+                    elif isinstance(event, Finished):
+                        continue
+                    else:
+                        line = event.message
+                    now = time.monotonic()
+                    if not update and now - last_sent < UI_INTERVAL_S:
+                        continue
+                    last_sent = now
+                    yield {status: line + warning + note, plot: loss_table(losses), **update}
+        finally:
+            controls.finish(session, control)
+        # Gradio 6.31: a gr.Model3D whose file arrives in a generator's last update never gets its canvas, so the
+        # mesh is never the last thing sent
+        yield {status: line + warning + note}
+
+    return text_to_3d
+
+
+def make_switch(controls: TextControls, switch: str):
+    def press(request: gr.Request = None) -> str:
+        control = controls.get(visitor_id(request))
+        if control is None:
+            return "No text-to-3D job is running."
+        getattr(control, switch).set()
+        return ("Stopping after this step; the state reached will be exported." if switch == "stop"
+                else "Exporting the current state after this step.")
+
+    return press
+
+
+def make_quick_look_handler(service: ModelService, sessions: Sessions):
+    async def quick_look(prompt, negative_prompt, seed, checkpoint, request: gr.Request = None,
+                         progress=gr.Progress()):
+        """Four views of what MVDream imagines for the prompt (plain multi-view DDIM sampling, no 3D)."""
+        prompt = checked(lambda: check_prompt(prompt))
+        options = checked(lambda: QuickLookOptions(seed=seed, negative_prompt=str(negative_prompt or ""))
+                          .resolved(service.device))
+        session = visitor_id(request)
+        with sessions.job(session) as cancel:
+            job = quick_look_job(service, sessions, session, checkpoint, prompt, options, cancel)
+            return str(await job_result(job, cancel, "quick_look", progress))
+
+    return quick_look
+
+
+def build(service: ModelService, sessions: Sessions, controls: TextControls) -> None:
+    """The tab's widgets and events (inside a ``gr.Tab``)."""
+    gr.Markdown(INTRO)
+    choices = service.mvdream_choices()
+    if service.device.type == "cpu" and not service.settings.random_weights:
+        gr.Markdown(CPU_NOTE, elem_id="text-cpu-note")
+    with gr.Row():
+        with gr.Column(scale=1):
+            prompt = gr.Textbox(label="Prompt", placeholder="one object, e.g. a wooden rocking chair", lines=2,
+                                elem_id="text-prompt")
+            negative_prompt = gr.Textbox(label="Negative prompt (optional)", elem_id="text-negative")
+            checkpoint = gr.Dropdown(choices, value=choices[0][1], label="MVDream checkpoint")
+            preset = gr.Radio(list(TextTo3DOptions.PRESET_CHOICES), value=TextTo3DOptions.preset, label="Schedule",
+                              info=f"fast: {PRESETS['fast'].steps:,} steps (the published schedule compressed); "
+                                   f"quality: {PRESETS['quality'].steps:,} steps as published; custom: the steps below.",
+                              elem_id="text-preset")
+            steps = gr.Number(PRESETS["fast"].steps, step=100, label=f"Steps for custom ({STEPS.text})",
+                              elem_id="text-steps")
+            with gr.Row():
+                seed = gr.Number(TextTo3DOptions.seed, step=1, label=f"Seed ({SEED.text})", elem_id="text-seed")
+                guidance = gr.Number(TextTo3DOptions.guidance_scale, step=1, label=f"Guidance scale ({GUIDANCE.text})",
+                                     elem_id="text-guidance")
+            with gr.Row():
+                look = gr.Button("Quick look (4 views)", elem_id="text-quick-look")
+                generate = gr.Button("Generate 3D", variant="primary", elem_id="text-generate")
+            with gr.Row():
+                export = gr.Button("Export now", elem_id="text-export")
+                stop = gr.Button("Stop & keep", variant="stop", elem_id="text-stop")
+            gr.Examples([[example] for example in EXAMPLES], inputs=[prompt], label="Example prompts",
+                        cache_examples=False)
+        with gr.Column(scale=2):
+            status = gr.Markdown(elem_id="text-status")
+            quick = gr.Image(label="Quick look: what the prior imagines (no 3D yet)", interactive=False,
+                             type="filepath", height=180, elem_id="text-quick")
+            preview = gr.Image(label="Optimisation: four views of the current 3D object", interactive=False,
+                               type="filepath", height=180, elem_id="text-preview")
+            plot = gr.LinePlot(loss_table([]), x="step", y="log10 loss", label="Loss (log10)", height=180,
+                               elem_id="text-loss")  # typed from the start, so both axes are numeric
+            model = viewer("3D model", 360, "text-viewer")
+            download = gr.File(label="Download GLB", elem_id="text-download")
+    outputs = {"status": status, "preview": preview, "plot": plot, "viewer": model, "download": download}
+    generate.click(make_handler(service, sessions, controls, outputs),
+                   inputs=[prompt, negative_prompt, preset, steps, seed, guidance, checkpoint],
+                   outputs=list(outputs.values()), show_progress_on=[preview], api_name="text_to_3d",
+                   concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    look.click(make_quick_look_handler(service, sessions), inputs=[prompt, negative_prompt, seed, checkpoint],
+               outputs=[quick], api_name="quick_look", concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    # The switches answer at once, beside the running job (their own concurrency group, no limit)
+    stop.click(make_switch(controls, "stop"), outputs=[status], api_name="stop_text_to_3d",
+               concurrency_id=SWITCHES, concurrency_limit=None)
+    export.click(make_switch(controls, "export"), outputs=[status], api_name="export_text_to_3d",
+                 concurrency_id=SWITCHES, concurrency_limit=None)

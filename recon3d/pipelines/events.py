@@ -1,0 +1,84 @@
+"""Typed progress events: every long job is a generator of these; the CLI and the app dispatch on their type.
+
+Every event says how far the whole job is (``fraction``, 0..1) and what is happening, for people (``message``).
+The kinds:
+
+- :class:`Stage`: the job entered a named stage (loading, encoding, meshing, ...);
+- :class:`Note`: something the user should know, nothing wrong (a prompt was cut, a level had to change);
+- :class:`Preview`: images of the current state, ``views`` (B, V, 3, H, W) in [0, 1] on the CPU;
+- :class:`StepReport`: one optimisation step's numbers (score distillation);
+- :class:`SampleReady`: one finished sample of several (its result);
+- :class:`Exported`: a result made while the job goes on (Export now);
+- :class:`Finished`: the job's result, always the last event.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Generic, Iterable, TypeVar
+
+import torch
+
+R = TypeVar("R")
+
+
+@dataclass(kw_only=True)
+class Event:
+    fraction: float  # 0..1 of the whole job
+    message: str  # for people
+
+
+@dataclass(kw_only=True)
+class Stage(Event):
+    name: str  # short machine name, e.g. "encoder"
+
+
+@dataclass(kw_only=True)
+class Note(Event):
+    pass
+
+
+@dataclass(kw_only=True)
+class Preview(Event):
+    views: torch.Tensor  # (B, V, 3, H, W) in [0, 1], on the CPU: B objects (samples), V views each
+    step: int  # steps done (0 when the job has no steps)
+    steps: int
+
+
+@dataclass(kw_only=True)
+class StepReport(Event):
+    step: int  # steps done
+    steps: int
+    loss: float
+    t: int  # the diffusion timestep drawn
+    t_range: tuple[float, float]  # (min, max) fraction of the schedule t was drawn from
+    resolution: int  # render size (px)
+    elapsed: float  # seconds since the run started
+    eta: float  # seconds left, estimated
+
+
+@dataclass(kw_only=True)
+class SampleReady(Event, Generic[R]):
+    sample: R
+
+
+@dataclass(kw_only=True)
+class Exported(Event, Generic[R]):
+    result: R
+
+
+@dataclass(kw_only=True)
+class Finished(Event, Generic[R]):
+    result: R
+
+
+def run_to_end(events: Iterable[Event]) -> object:
+    """Drain a job and return its result (the :class:`Finished` event's)."""
+    result = None
+    for event in events:
+        if isinstance(event, Finished):
+            result = event.result
+    return result
+
+
+__all__ = ["Event", "Exported", "Finished", "Note", "Preview", "SampleReady", "Stage", "StepReport", "run_to_end"]

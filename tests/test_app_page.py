@@ -1,0 +1,151 @@
+"""The page built in-process (no server): its wiring, queues and limits, and the handlers' error mapping. Fast;
+the launched app and real browsers are in test_app.py (slow)."""
+
+import json
+import sys
+import subprocess
+
+import pytest
+from conftest import ROOT
+
+from recon3d import app
+from recon3d.app.common import GPU_QUEUE
+from recon3d.service import ModelService, ServiceSettings
+from recon3d.sessions import Sessions
+
+
+def page(service=None):
+    return app.build_app(service or ModelService(ServiceSettings(random_weights=True)), Sessions(app.OUTPUTS_DIR))
+
+
+def component(demo, elem_id):
+    return next(c for c in demo.config["components"] if c["props"].get("elem_id") == elem_id)
+
+
+def test_the_library_and_the_cli_never_import_gradio():
+    code = "import sys, recon3d, recon3d.__main__, recon3d.service; print('gradio' in sys.modules)"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.stdout.strip() == "False", out.stderr
+
+
+def test_app_py_only_composes_the_page():
+    source = (ROOT / "app.py").read_text()
+    assert "from recon3d.app import main" in source and len(source.splitlines()) < 15
+
+
+def test_form_limits_are_the_librarys():
+    """Every range the page states comes from the options' limits (change a limit, the page follows)."""
+    from recon3d.options import limit_of
+    from recon3d.pipelines.image_to_3d import ImageTo3DOptions
+    from recon3d.pipelines.sample_3d import COUNT, SampleOptions
+    from recon3d.pipelines.text_to_3d import TextTo3DOptions
+
+    demo = page()
+    resolution = limit_of(ImageTo3DOptions, "mesh_resolution")
+    assert component(demo, "mesh-resolution")["props"]["label"] == f"Mesh resolution ({resolution.text})"
+    count = component(demo, "samples-count")["props"]
+    assert (count["minimum"], count["maximum"]) == (COUNT.low, COUNT.high)
+    assert f"({limit_of(SampleOptions, 'steps').text})" in component(demo, "samples-steps")["props"]["label"]
+    assert f"({limit_of(TextTo3DOptions, 'steps').text})" in component(demo, "text-steps")["props"]["label"]
+    assert component(demo, "text-seed")["props"]["label"] == f"Seed ({limit_of(TextTo3DOptions, 'seed').text})"
+    assert [tuple(c) for c in component(demo, "text-preset")["props"]["choices"]] == [(c, c) for c in TextTo3DOptions.PRESET_CHOICES]
+
+
+def test_the_server_expires_api_files_after_its_ttl():
+    """--output-ttl reaches the visitors' files and a janitor expires them (the expiry itself: test_sessions)."""
+    import threading
+
+    demo, sessions = app.serve(app.parse_args(["--random-weights", "--output-ttl", "7"]))
+    assert sessions.ttl_s == 7.0 and sessions.root == app.OUTPUTS_DIR
+    assert any(thread.name == "recon3d-outputs-janitor" and thread.is_alive() for thread in threading.enumerate())
+    assert demo._queue.max_size == 16
+
+
+class OutOfMemoryPipe:
+    random_weights = False
+
+    def run(self, image, options, cancel):
+        import torch
+
+        yield from ()
+        raise torch.OutOfMemoryError("CUDA out of memory")
+
+
+def test_out_of_memory_and_a_missing_image_become_clear_ui_errors(tmp_path):
+    import asyncio
+
+    import gradio as gr
+
+    from recon3d.app import image_tab
+    from recon3d.sessions import Sessions
+
+    class Service:
+        def image_to_3d(self, name):
+            return OutOfMemoryPipe()
+
+    handler = image_tab.make_handler(Service(), Sessions(tmp_path))
+
+    def call(image):
+        return asyncio.run(handler(image, "any", True, 0.8, 256, True, progress=lambda *a, **k: None))
+
+    with pytest.raises(gr.Error, match="Out of memory: try a lower resolution"):
+        call(str(ROOT / "examples" / "duck.png"))
+    with pytest.raises(gr.Error, match="Upload an image first"):
+        call(None)
+
+
+def test_one_bounded_gpu_queue_a_cancel_button_and_one_progress_display():
+    demo = page()
+    demo.queue(max_size=app.parse_args([]).max_queue, default_concurrency_limit=1)
+    fns = {fn.name: fn for fn in demo.fns.values()}
+    assert (fns["image_to_3d"].concurrency_id, fns["image_to_3d"].concurrency_limit) == (GPU_QUEUE, 1)
+    assert demo._queue.max_size == 16
+    dependencies = demo.config["dependencies"]
+    generate = next(d for d in dependencies if d["api_name"] == "image_to_3d")
+    viewer = next(c["id"] for c in demo.config["components"] if c["props"].get("elem_id") == "viewer")
+    assert generate["show_progress_on"] == [viewer]  # one progress bar, not one per output panel
+    cancel_button = next(c["id"] for c in demo.config["components"] if c["props"].get("elem_id") == "cancel")
+    cancels = [d["cancels"] for d in dependencies if d["targets"] == [(cancel_button, "click")]]
+    assert [generate["id"]] in cancels
+    unload = [d for d in dependencies if d["targets"] == [(None, "unload")]]
+    assert [d["api_name"] for d in unload] == ["end_session"]
+
+
+def test_cpu_servers_default_to_a_lower_resolution_and_say_what_a_job_costs():
+    import torch
+
+    from recon3d.app.image_tab import CPU_BENCHMARK, cpu_cost_note, load_cpu_costs
+    from recon3d.mesh import default_resolution
+
+    assert default_resolution(torch.device("cpu")) == 128 and default_resolution(torch.device("cuda")) == 256
+    recorded = json.loads(CPU_BENCHMARK.read_text())["runs"]
+    costs = load_cpu_costs(CPU_BENCHMARK)
+    note = cpu_cost_note(costs)
+    for run in recorded:  # every CPU figure of the benchmark reaches the page
+        assert costs[run["size"]][run["resolution"]] == run["seconds"]["total"]
+        assert f"{run['seconds']['total']:.0f} s at {run['resolution']}" in note
+    assert {128, 256} <= set(costs["base"])
+    assert load_cpu_costs(CPU_BENCHMARK.parent / "missing.json") == {}
+
+
+
+
+def test_samples_tab_shares_the_gpu_queue_its_cancel_stops_both_buttons_and_typed_paths_are_refused():
+    from recon3d.checkpoints import DEMO_DMV3D_LABEL
+    from recon3d.hub import CheckpointError
+    service = ModelService(ServiceSettings(random_weights=True))
+    demo = page(service)
+    dependencies = demo.config["dependencies"]
+    events = {d["api_name"]: d for d in dependencies if d["api_name"] in ("sample_3d", "more_samples")}
+    assert set(events) == {"sample_3d", "more_samples"}
+    fns = [fn for fn in demo.fns.values() if fn.api_name in events]
+    assert {(fn.concurrency_id, fn.concurrency_limit) for fn in fns} == {(GPU_QUEUE, 1)}
+    cancel_button = next(c["id"] for c in demo.config["components"] if c["props"].get("elem_id") == "samples-cancel")
+    cancels = [d["cancels"] for d in dependencies if d["targets"] == [(cancel_button, "click")]]
+    assert [events["sample_3d"]["id"], events["more_samples"]["id"]] in cancels
+    labels = [label for label, _ in service.dmv3d_choices()]
+    assert labels[0] == DEMO_DMV3D_LABEL and "random DMV3D (random weights, demo shapes)" in labels
+    with pytest.raises(CheckpointError, match="unknown DMV3D checkpoint"):
+        service.sample_3d(str(ROOT / "assets"))  # a folder on the server that is not on the list
+
+
