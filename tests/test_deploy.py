@@ -70,3 +70,13 @@ def test_spacefile_is_valid_deta_v0():
             assert isinstance(env.get("default", ""), str)
         if micro["engine"] == "custom":
             assert "run" in micro and "app.py" in micro["run"]
+
+
+def test_the_package_depends_on_exactly_the_spaces_runtime_requirements():
+    """pyproject.toml (pip install .) and requirements.txt (the Space) list the same pinned runtime packages."""
+    import tomllib
+
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    lines = [line.split("#")[0].strip() for line in (ROOT / "requirements.txt").read_text().splitlines()]
+    assert sorted(project["dependencies"]) == sorted(line for line in lines if line)
+    assert project["name"] == "recon3d" and project["scripts"]["recon3d"] == "recon3d.__main__:main_exit"
