@@ -35,7 +35,7 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # a clone's recon3d, installed or not (every bench script imports this one)
 
 from recon3d import ImageTo3D, ImageTo3DOptions, run_to_end  # noqa: E402
-from recon3d.mesh import MIN_RESOLUTION, EmptyMeshError, coarse_to_fine_grid  # noqa: E402
+from recon3d.mesh import RESOLUTION, EmptyMeshError, coarse_to_fine_grid  # noqa: E402
 from recon3d.models.lrm import PUBLISHED_CONFIGS, TINY_LRM_CONFIG, LRMConfig  # noqa: E402
 STAGES = ("preprocess", "remove_background", "encoder", "transformer", "grid_queries", "marching_cubes", "vertex_colors", "glb_write")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -43,7 +43,7 @@ OOM_ERRORS = (torch.OutOfMemoryError, MemoryError)
 TARGET_GPU_SECONDS = 1.0  # image -> GLB, base, 256^3, on a GPU
 TARGET_QUERY_RATIO = 5.0  # dense / coarse-to-fine queries at 256^3
 EXAMPLE_LEVEL = 200.0  # ShadedSDF density is 400 * sigmoid(-150 d): 200 is the zero set of the SDF
-WARMUP_RESOLUTION = MIN_RESOLUTION
+WARMUP_RESOLUTION = int(RESOLUTION.low)
 
 
 # ----------------------------------------------------------------------------- configs and machine
@@ -389,7 +389,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     args.sizes, args.devices = _split(args.sizes), _split(args.devices)
     args.resolutions = [int(r) for r in _split(args.resolutions)]
     if args.quick:
-        args.sizes, args.resolutions = ["tiny"], [MIN_RESOLUTION]
+        args.sizes, args.resolutions = ["tiny"], [WARMUP_RESOLUTION]
     if args.repeats < 1:
         parser.error("--repeats must be at least 1")
     return args

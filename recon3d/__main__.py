@@ -69,12 +69,20 @@ def add_model_options(command: argparse.ArgumentParser, default: str, help: str)
 
 
 def add_image_options(command: argparse.ArgumentParser) -> None:
+    from .pipelines.image_to_3d import ImageTo3DOptions
+
     command.add_argument("--resolution", type=int, default=None,
                          help=f"mesh grid resolution, {RESOLUTION.text} (default: {CPU_RESOLUTION} on a CPU, "
                               f"{GPU_RESOLUTION} on a GPU)")
-    command.add_argument("--foreground-ratio", type=float, default=0.8,
-                         help=f"object size in the square input ({FOREGROUND_RATIO.text}, default 0.8)")
+    command.add_argument("--foreground-ratio", type=float, default=None,
+                         help=f"object size in the square input ({FOREGROUND_RATIO.text}, default "
+                              f"{ImageTo3DOptions.foreground_ratio:g})")
     command.add_argument("--no-remove-background", action="store_true", help="do not remove the background")
+
+
+def given(**values) -> dict:
+    """The options the user gave (the others keep the options dataclass's defaults: none is restated here)."""
+    return {name: value for name, value in values.items() if value is not None}
 
 
 class Bar:
@@ -123,8 +131,9 @@ def add_image_command(command: argparse.ArgumentParser) -> None:
     add_image_options(command)
     command.add_argument("--threshold", type=parse_threshold, default=DENSITY_LEVEL,
                          help="density iso-level of the surface, or 'auto' for uncalibrated (e.g. fine-tuned) models")
-    command.add_argument("--remove-floaters", type=float, default=0.0, metavar="FRACTION",
-                         help="drop detached parts smaller than FRACTION of the largest (0: keep all, 1: largest only)")
+    command.add_argument("--remove-floaters", type=float, default=None, metavar="FRACTION",
+                         help="drop detached parts smaller than FRACTION of the largest (0: keep all, the default; "
+                              "1: the largest only)")
     command.add_argument("--turntable", action="store_true", help="also write a turntable GIF per image")
     command.add_argument("--turntable-frames", type=positive_int, default=24, help="frames of the turntable (default 24)")
     command.add_argument("--turntable-size", type=positive_int, default=None,
@@ -147,9 +156,9 @@ def load_pipeline(args: argparse.Namespace):
 def run_image(args: argparse.Namespace) -> int:
     from .pipelines.image_to_3d import ImageTo3DOptions
 
-    options = ImageTo3DOptions(foreground_ratio=args.foreground_ratio, mesh_resolution=args.resolution,
-                               remove_background=not args.no_remove_background,
-                               density_threshold=args.threshold, remove_floaters=args.remove_floaters)
+    options = ImageTo3DOptions(remove_background=not args.no_remove_background, density_threshold=args.threshold,
+                               **given(foreground_ratio=args.foreground_ratio, mesh_resolution=args.resolution,
+                                       remove_floaters=args.remove_floaters))
     try:
         options.validate()
         pipe = load_pipeline(args)
@@ -205,9 +214,12 @@ def write_outputs(result, stem: Path, args: argparse.Namespace, bar: Bar) -> Non
 
 
 def add_sample_command(command: argparse.ArgumentParser) -> None:
+    from .pipelines.sample_3d import DEFAULT_COUNT, SampleOptions
+
+    seeds = ",".join(str(seed) for seed in range(DEFAULT_COUNT))
     command.add_argument("image", type=Path, help="a PNG, JPEG or WebP file")
-    command.add_argument("--seeds", default="0,1,2", help="comma-separated seeds, one sample each (default 0,1,2)")
-    command.add_argument("--steps", type=int, default=30, help="DDIM steps (default 30)")
+    command.add_argument("--seeds", default=seeds, help=f"comma-separated seeds, one sample each (default {seeds})")
+    command.add_argument("--steps", type=int, default=None, help=f"DDIM steps (default {SampleOptions.steps})")
     add_model_options(command, DEMO_DMV3D_ID, "Hub repo id or checkpoint folder (default: the shipped demo model, "
                                               "trained on procedural shapes only)")
     add_image_options(command)
@@ -225,20 +237,21 @@ def load_sampler(args: argparse.Namespace):
         return Sample3D.random(TINY_DMV3D_CONFIG, device=device, dtype=dtype)
     shipped = args.model == DEMO_DMV3D_ID or Path(args.model).resolve() == demo_dmv3d().resolve()
     location = demo_dmv3d() if shipped else args.model
-    return Sample3D.from_pretrained(location, device=device, dtype=dtype, revision=args.revision,
-                                    offline=True if shipped else offline_mode(args),
+    # offline is the network's state: it also decides whether the background remover may fetch its model
+    offline = (args.offline or None) if shipped else offline_mode(args)
+    return Sample3D.from_pretrained(location, device=device, dtype=dtype, revision=args.revision, offline=offline,
                                     name=DEMO_DMV3D_ID if shipped else None)  # GLBs name no local path
 
 
 def run_sample(args: argparse.Namespace) -> int:
     """OUTDIR/seed-<s>.glb per seed (and comparison.png)."""
-    from .pipelines.events import Finished, SampleReady
+    from .pipelines.events import Finished, Note, SampleReady
     from .pipelines.sample_3d import SampleOptions, comparison_grid, parse_seeds
 
     try:
-        options = SampleOptions(seeds=parse_seeds(args.seeds), steps=args.steps, mesh_resolution=args.resolution,
-                                foreground_ratio=args.foreground_ratio,
-                                remove_background=not args.no_remove_background).validate()
+        options = SampleOptions(seeds=parse_seeds(args.seeds), remove_background=not args.no_remove_background,
+                                **given(steps=args.steps, mesh_resolution=args.resolution,
+                                        foreground_ratio=args.foreground_ratio)).validate()
         pipe = load_sampler(args)
     except Exception as exc:
         say(refused(exc, also=SETUP_ERRORS))
@@ -248,7 +261,9 @@ def run_sample(args: argparse.Namespace) -> int:
     try:
         for event in pipe.run(args.image, options):
             bar.update(event)
-            if isinstance(event, SampleReady):
+            if isinstance(event, Note):
+                bar.write(f"{args.image.name}: {event.message}", error=True)
+            elif isinstance(event, SampleReady):
                 sample = event.sample
                 glb = sample.save_glb(args.output / f"seed-{sample.seed}.glb")
                 bar.write(json.dumps({"seed": sample.seed, "glb": str(glb), "faces": len(sample.mesh.faces)}))
@@ -319,19 +334,19 @@ def run_train(args: argparse.Namespace) -> int:
 
 
 def add_text_command(text: argparse.ArgumentParser) -> None:
-    from .pipelines.sds import PRESETS
+    from .pipelines.sds import PRESET_DESCRIPTIONS
     from .pipelines.text_to_3d import TextTo3DOptions
 
     default = MVDREAM_CHECKPOINTS[0].repo_id
     text.add_argument("prompt", help="one object, e.g. 'a wooden rocking chair'")
     text.add_argument("--negative", default="", help="negative prompt")
+    presets = "; ".join(f"{name}: {text}" for name, text in PRESET_DESCRIPTIONS.items())
     text.add_argument("--preset", choices=TextTo3DOptions.PRESET_CHOICES, default=None,
-                      help=f"fast: {PRESETS['fast'].steps} steps; quality: {PRESETS['quality'].steps}; custom: --steps "
-                           f"(default: fast, or custom when --steps is given)")
-    text.add_argument("--steps", type=int, default=None, help="a custom step count (the fast schedule, rescaled)")
-    text.add_argument("--seed", type=int, default=0)
+                      help=f"{presets} (default: {TextTo3DOptions.preset}, or custom when --steps is given)")
+    text.add_argument("--steps", type=int, default=None, help="a custom step count")
+    text.add_argument("--seed", type=int, default=None, help=f"default {TextTo3DOptions.seed}")
     text.add_argument("--guidance", type=float, default=None,
-                      help=f"classifier-free guidance scale (default {PRESETS['fast'].guidance_scale:g})")
+                      help=f"classifier-free guidance scale (default {TextTo3DOptions.guidance_scale:g})")
     add_model_options(text, default, f"Hub repo id or folder, diffusers layout or the original "
                                      f"sd-v2.1-base-4view.pt (default: {default})")
     text.add_argument("--quick-look", action="store_true", help="first write quick-look.png: 4 views sampled by DDIM")
@@ -380,15 +395,14 @@ def run_text(args: argparse.Namespace) -> int:
     from .images import views_grid
     from .pipelines.events import Exported, Finished, Note, Preview
     from .pipelines.sds import SDSControl
-    from .pipelines.text_to_3d import QuickLookOptions, TextTo3DOptions, check_prompt
+    from .pipelines.text_to_3d import CUSTOM, QuickLookOptions, TextTo3DOptions, check_prompt
     from .sessions import safe_stem
 
-    preset = args.preset or ("custom" if args.steps is not None else "fast")
+    preset = args.preset or (CUSTOM if args.steps is not None else TextTo3DOptions.preset)
     try:
         prompt = check_prompt(args.prompt)
-        guidance = {} if args.guidance is None else {"guidance_scale": args.guidance}
-        options = TextTo3DOptions(preset=preset, steps=args.steps, seed=args.seed, negative_prompt=args.negative,
-                                  **guidance).validate()
+        options = TextTo3DOptions(preset=preset, steps=args.steps, negative_prompt=args.negative,
+                                  **given(seed=args.seed, guidance_scale=args.guidance)).validate()
         pipe = load_text_pipeline(args)
     except Exception as exc:
         say(refused(exc, also=SETUP_ERRORS))
@@ -396,18 +410,25 @@ def run_text(args: argparse.Namespace) -> int:
     for note in pipe.parts.notes:
         say(f"note: {note}")
     args.output.mkdir(parents=True, exist_ok=True)
-    stem = f"{safe_stem(prompt)}-seed{args.seed}"
+    stem = f"{safe_stem(prompt)}-seed{options.seed}"
     source = None if args.random_weights else args.model
     control = SDSControl()
-    bar = Bar("SDS")
-    try:
-        if args.quick_look:
-            look = QuickLookOptions(seed=args.seed, negative_prompt=options.negative_prompt)
-            for event in pipe.sample_views(prompt, look):
-                bar.update(event)
+    interrupts = FirstInterruptStops(control)
+    if args.quick_look:  # the sampling script's settings: no negative prompt
+        look = Bar("quick look")
+        try:
+            for event in pipe.sample_views(prompt, QuickLookOptions(seed=options.seed)):
+                look.update(event)
                 if isinstance(event, Finished):
                     views_grid(event.result).save(args.output / f"{stem}-quick-look.png")
-        with FirstInterruptStops(control) as interrupts:
+        except Exception as exc:
+            look.write(refused(exc, also=(OSError,)), error=True)
+            return EXIT_REFUSED
+        finally:
+            look.close()
+    bar = Bar("SDS")
+    try:
+        with interrupts:
             for event in pipe.generate(prompt, options, control=control, source=source):
                 bar.update(event)
                 if isinstance(event, Preview):

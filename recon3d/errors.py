@@ -51,7 +51,7 @@ def user_message(error: BaseException) -> str | None:
         free_device_memory()
         return OUT_OF_MEMORY
     if isinstance(error, USER_ERRORS):
-        return sentence(str(error))
+        return sentence(str(error)) or f"The input was refused ({type(error).__name__})"
     return None
 
 

@@ -6,9 +6,8 @@ dtype. ``query`` is differentiable: gradients reach whatever parameterises the f
 decoder weights); inference entry points (pipelines, mesh export) switch gradients off, fields never do.
 A field also states how finely it must be sampled (``sample_spacing``, world units) and the density of its
 surface (``iso_level``; None when uncalibrated), so the mesher assumes neither. Triplane models (LRM, DMV3D),
-the optimised neural triplane of score distillation (:class:`NeuralTriplaneField`), dense grids
-(:class:`GridField`: tests, the field comparison in bench/sds_field.py) and analytic test objects
-(:class:`PointField`) all end in one.
+the optimised neural triplane of score distillation (:class:`NeuralTriplaneField`), dense voxel grids
+(:class:`GridField`) and analytic test objects (:class:`PointField`) all end in one.
 """
 
 from __future__ import annotations

@@ -25,8 +25,8 @@ from .field import Field, as_field
 from .options import Limit
 
 RESOLUTION = Limit("mesh resolution", 64, 512, whole=True)  # points per axis of the density grid
-MIN_RESOLUTION, MAX_RESOLUTION = int(RESOLUTION.low), int(RESOLUTION.high)
 CPU_RESOLUTION, GPU_RESOLUTION = 128, 256  # the default on each kind of device: on a CPU, 256^3 takes minutes
+FLOATER_FRACTION = 0.05  # "remove floaters": drop detached parts under 5 % of the largest one
 
 
 @dataclass

@@ -1,4 +1,6 @@
-"""The one way library code draws random numbers (in the manner of diffusers' ``randn_tensor``).
+"""The one way library code draws the random numbers of a computation (in the manner of diffusers'
+``randn_tensor``): noise, cameras, timesteps, random weights. (New seeds offered to a visitor come from
+``secrets``: they are shown and recorded, so every computation stays repeatable from its seed.)
 
 Every draw takes an explicit ``torch.Generator`` (never the global RNG), or a list of generators, one per object:
 row k of the result is drawn from ``generators[k]`` alone, so an object's numbers do not depend on which other

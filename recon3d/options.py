@@ -83,6 +83,9 @@ def check_limits(options: Any) -> None:
             object.__setattr__(options, item.name, limit.check(value))
 
 
+DENOISING_STEPS = Limit("steps", 1, 200, whole=True)  # sampling steps of a diffusion model (DMV3D, a quick look)
+
+
 class Options:
     """Base of the pipelines' options dataclasses: :meth:`validate` checks every limited field (and what a
     subclass adds); :meth:`resolved` fills the fields left None with the device's defaults
@@ -100,4 +103,4 @@ class Options:
         return replace(self, **defaults).validate()
 
 
-__all__ = ["Limit", "Options", "check_limits", "limit_of", "limited"]
+__all__ = ["DENOISING_STEPS", "Limit", "Options", "check_limits", "limit_of", "limited"]

@@ -59,7 +59,8 @@ class ModelService:
         self._loaded: OrderedDict[str, ImageTo3D | Sample3D] = OrderedDict()
         self._lock = threading.Lock()
 
-    def warm_up(self) -> threading.Thread:
+    @staticmethod
+    def warm_up() -> threading.Thread:
         """Import the background remover in the background: its first import compiles numba code (about a
         minute on a fresh install), which the first visitor should not wait for."""
         def work() -> None:

@@ -16,7 +16,7 @@ import torch  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY_REPO = "recon3d-test/tiny-lrm"
-TINY_COMMIT = "0123456789abcdef0123456789abcdef01234567"
+from recon3d.testing import DEFAULT_COMMIT as TINY_COMMIT  # noqa: E402
 
 
 @pytest.fixture(scope="session")

@@ -2,8 +2,9 @@
 the launched app and real browsers are in test_app.py (slow)."""
 
 import json
-import sys
 import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 from conftest import ROOT
@@ -51,14 +52,52 @@ def test_form_limits_are_the_librarys():
     assert [tuple(c) for c in component(demo, "text-preset")["props"]["choices"]] == [(c, c) for c in TextTo3DOptions.PRESET_CHOICES]
 
 
-def test_the_server_expires_api_files_after_its_ttl():
-    """--output-ttl reaches the visitors' files and a janitor expires them (the expiry itself: test_sessions)."""
+def test_the_server_passes_its_ttl_to_a_janitor(tmp_path):
     import threading
 
-    demo, sessions = app.serve(app.parse_args(["--random-weights", "--output-ttl", "7"]))
-    assert sessions.ttl_s == 7.0 and sessions.root == app.OUTPUTS_DIR
+    demo, sessions = app.serve(app.parse_args(["--random-weights", "--output-ttl", "7"]), tmp_path / "outputs")
+    assert sessions.ttl_s == 7.0 and sessions.root == tmp_path / "outputs"
     assert any(thread.name == "recon3d-outputs-janitor" and thread.is_alive() for thread in threading.enumerate())
     assert demo._queue.max_size == 16
+
+
+class Clock:
+    now = 1000.0
+
+    def __call__(self):
+        return self.now
+
+
+def test_an_api_callers_files_expire_after_the_ttl(tmp_path):
+    """The Image to 3D handler as an API caller (no browser session) runs it: its GLB, processed input and
+    upload exist, and are deleted once the TTL has passed (on a fake clock, as the janitor would)."""
+    import asyncio
+
+    from recon3d.app import image_tab
+
+    clock, upload = Clock(), tmp_path / "photo.png"
+    upload.write_bytes((ROOT / "examples" / "duck.png").read_bytes())  # a caller's own upload, not an example
+    sessions = Sessions(tmp_path / "outputs", ttl_s=60, clock=clock)
+    handler = image_tab.make_handler(ModelService(ServiceSettings(random_weights=True)), sessions)
+    processed, glb, _, timings = asyncio.run(handler(str(upload), "random-tiny (random weights)", False, 0.8, 64,
+                                                     True, progress=lambda *a, **k: None))
+    made = [Path(processed), Path(glb), upload]
+    assert all(path.is_file() for path in made) and "| encoder |" in timings
+    clock.now += 59
+    assert sessions.expire() == [] and all(path.is_file() for path in made)
+    clock.now += 2
+    assert sessions.expire() == ["anonymous"] and not any(path.exists() for path in made)
+
+
+def test_the_text_forms_steps_count_only_with_custom():
+    """The page passes the Steps box only with "custom", so a GLB says "quality" for a quality run."""
+    from recon3d.app.text_tab import form_options
+
+    quality = form_options("quality", 6, 3, 50, " blurry ")
+    assert (quality.label, quality.steps, quality.seed, quality.negative_prompt) == ("quality", None, 3, "blurry")
+    assert quality.recipe("cpu").steps == 10000
+    custom = form_options("custom", 6, 3, 50, "")
+    assert (custom.label, custom.recipe("cpu").steps) == ("custom", 6)
 
 
 class OutOfMemoryPipe:

@@ -68,14 +68,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def serve(args: argparse.Namespace) -> tuple[gr.Blocks, Sessions]:
-    """The queued page for ``args``, its visitors' files expiring after ``--output-ttl`` (checked by a janitor
-    twice per TTL, at least every minute)."""
+def serve(args: argparse.Namespace, outputs: Path = OUTPUTS_DIR) -> tuple[gr.Blocks, Sessions]:
+    """The queued page for ``args``; visitors' files go under ``outputs`` (emptied first) and expire after
+    ``--output-ttl`` (a janitor checks twice per TTL, at least every minute)."""
     device, dtype = choose_device(args.device, args.dtype)
     service = ModelService(ServiceSettings(random_weights=args.random_weights, device=device, dtype=dtype,
                                            dmv3d=args.dmv3d, mvdream=args.mvdream))
-    service.warm_up()
-    sessions = Sessions(OUTPUTS_DIR, ttl_s=args.output_ttl)
+    sessions = Sessions(outputs, ttl_s=args.output_ttl)
     sessions.clear()  # files of an earlier run that no session knows any more
     sessions.start_janitor(every_s=min(60.0, args.output_ttl / 2))
     demo = build_app(service, sessions)
@@ -85,7 +84,8 @@ def serve(args: argparse.Namespace) -> tuple[gr.Blocks, Sessions]:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    demo, _ = serve(args)
+    demo, sessions = serve(args)
+    ModelService.warm_up()
     demo.launch(server_name=args.host, server_port=args.port, show_error=True)
 
 

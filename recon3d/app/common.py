@@ -15,6 +15,7 @@ from ..sessions import iterate_in_thread
 
 log = logging.getLogger("recon3d.app")
 ASSETS = Path(__file__).resolve().parents[2]  # the repository (examples/, bench/results/) when run from a clone
+# (an installed recon3d has neither: its page then offers no example images and quotes no measured CPU cost)
 EXAMPLES = sorted(str(p) for p in (ASSETS / "examples").glob("*.png"))
 GPU_QUEUE = "gpu"  # every event that uses the model shares this concurrency group
 SWITCHES = "switches"  # buttons that answer at once, beside a running job (no limit)
@@ -37,6 +38,12 @@ class UploadedImage(gr.Image):
         if payload.path is None or (payload.url or "").startswith("data:"):
             raise gr.Error("Send the image as a file upload (gradio_client: handle_file), not as inline data.")
         return str(payload.path)
+
+
+def examples(image: gr.Image) -> None:
+    """The example images under ``image`` (when the repository's examples are at hand)."""
+    if EXAMPLES:
+        gr.Examples(EXAMPLES, inputs=[image], label="Examples (click one)")
 
 
 def image_input(elem_id: str) -> UploadedImage:

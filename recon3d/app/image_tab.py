@@ -10,10 +10,11 @@ import gradio as gr
 from ..checkpoints import DEFAULT_LRM, OPENLRM_LICENCE
 from ..images import FOREGROUND_RATIO
 from ..mesh import RESOLUTION, default_resolution
-from ..pipelines.image_to_3d import FLOATER_FRACTION, ImageTo3DOptions
+from ..mesh import FLOATER_FRACTION
+from ..pipelines.image_to_3d import ImageTo3DOptions
 from ..service import ImageOutputs, ModelService, image_job
 from ..sessions import Sessions
-from .common import (ASSETS, EXAMPLES, GPU_QUEUE, UPLOAD_FIRST, checked, image_input, is_example, job_result, viewer,
+from .common import (ASSETS, GPU_QUEUE, UPLOAD_FIRST, checked, examples, image_input, is_example, job_result, viewer,
                      visitor_id)
 
 CPU_BENCHMARK = ASSETS / "bench" / "results" / "lrm-cpu.json"  # what a job costs on a CPU, shown on the page
@@ -102,7 +103,8 @@ def build(service: ModelService, sessions: Sessions) -> None:
         with gr.Column():
             image = image_input("input-image")
             checkpoint = gr.Dropdown(choices, value=default, label="Checkpoint")
-            remove_background = gr.Checkbox(True, label="Remove background (when the image has no transparency)")
+            remove_background = gr.Checkbox(ImageTo3DOptions.remove_background,
+                                            label="Remove background (when the image has no transparency)")
             foreground_ratio = gr.Number(ImageTo3DOptions.foreground_ratio, step=0.05,
                                          label=f"Foreground ratio ({FOREGROUND_RATIO.text})",
                                          info="The object's longer side as a fraction of the square input.",
@@ -110,11 +112,12 @@ def build(service: ModelService, sessions: Sessions) -> None:
             mesh_resolution = gr.Number(default_resolution(service.device), step=32,
                                         label=f"Mesh resolution ({RESOLUTION.text})", info=resolution_help(service),
                                         elem_id="mesh-resolution")
-            remove_floaters = gr.Checkbox(True, label="Remove floaters (small detached parts)")
+            remove_floaters = gr.Checkbox(True, label=f"Remove floaters (detached parts under {FLOATER_FRACTION:.0%} of "
+                                                      f"the largest)")
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="generate")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
-            gr.Examples(EXAMPLES, inputs=[image], label="Examples (click one)")
+            examples(image)
         with gr.Column():
             processed = gr.Image(label="Processed input", interactive=False, height=200, type="filepath")
             model = viewer("3D model", 420, "viewer")

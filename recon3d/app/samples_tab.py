@@ -9,10 +9,10 @@ import gradio as gr
 from ..images import FOREGROUND_RATIO
 from ..options import limit_of
 from ..pipelines.events import Finished
-from ..pipelines.sample_3d import COUNT, MAX_SEEDS, SampleOptions, seeds_to_add
+from ..pipelines.sample_3d import COUNT, DEFAULT_COUNT, MAX_SEEDS, SampleOptions, seeds_to_add
 from ..service import RANDOM_DMV3D_CHOICES, ModelService, PreviewFile, SampleShown, ShownSample, file_digest, sample_job
 from ..sessions import Sessions
-from .common import (EXAMPLES, GPU_QUEUE, UPLOAD_FIRST, checked, image_input, is_example, viewer, visitor_id,
+from .common import (GPU_QUEUE, UPLOAD_FIRST, checked, examples, image_input, is_example, viewer, visitor_id,
                      visitor_job)
 
 RANDOM_NOTE = "\n\n**Random weights: these samples are meaningless.**"
@@ -138,21 +138,22 @@ def build(service: ModelService, sessions: Sessions) -> None:
         with gr.Column(scale=1):
             image = image_input("samples-image")
             checkpoint = gr.Dropdown(choices, value=choices[0][1], label="DMV3D checkpoint")
-            count = gr.Slider(int(COUNT.low), int(COUNT.high), value=4, step=1,
+            count = gr.Slider(int(COUNT.low), int(COUNT.high), value=DEFAULT_COUNT, step=1,
                               label=f"Number of samples ({COUNT.text})", elem_id="samples-count")
             seeds = gr.Textbox(label="Seeds (optional)", placeholder="e.g. 1, 7, 42; empty: new random seeds",
                                info="A list overrides the number of samples; a seed gives the same sample again.",
                                elem_id="samples-seeds")
             steps = gr.Number(SampleOptions.steps, step=1, label=f"Denoising steps ({STEPS.text})",
                               elem_id="samples-steps")
-            remove_background = gr.Checkbox(True, label="Remove background (when the image has no transparency)")
+            remove_background = gr.Checkbox(SampleOptions.remove_background,
+                                            label="Remove background (when the image has no transparency)")
             foreground_ratio = gr.Number(SampleOptions.foreground_ratio, step=0.05,
                                          label=f"Foreground ratio ({FOREGROUND_RATIO.text})")
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="samples-generate")
                 more = gr.Button("More samples", elem_id="samples-more")
                 cancel = gr.Button("Cancel", variant="stop", elem_id="samples-cancel")
-            gr.Examples(EXAMPLES, inputs=[image], label="Examples (click one)")
+            examples(image)
         with gr.Column(scale=2):
             status = gr.Markdown(elem_id="samples-status")
             with gr.Row():

@@ -11,7 +11,7 @@ import gradio as gr
 
 from ..options import limit_of
 from ..pipelines.events import Finished, Note, StepReport
-from ..pipelines.sds import PRESETS, SDSControl
+from ..pipelines.sds import PRESET_DESCRIPTIONS, PRESETS, SDSControl
 from ..pipelines.text_to_3d import CUSTOM, QuickLookOptions, TextTo3DOptions, TextTo3DResult, check_prompt
 from ..service import MeshFile, ModelService, PreviewFile, quick_look_job, text_job
 from ..sessions import Sessions
@@ -174,8 +174,7 @@ def build(service: ModelService, sessions: Sessions, controls: TextControls) -> 
             negative_prompt = gr.Textbox(label="Negative prompt (optional)", elem_id="text-negative")
             checkpoint = gr.Dropdown(choices, value=choices[0][1], label="MVDream checkpoint")
             preset = gr.Radio(list(TextTo3DOptions.PRESET_CHOICES), value=TextTo3DOptions.preset, label="Schedule",
-                              info=f"fast: {PRESETS['fast'].steps:,} steps (the published schedule compressed); "
-                                   f"quality: {PRESETS['quality'].steps:,} steps as published; custom: the steps below.",
+                              info="; ".join(f"{name}: {text}" for name, text in PRESET_DESCRIPTIONS.items()) + ".",
                               elem_id="text-preset")
             steps = gr.Number(PRESETS["fast"].steps, step=100, label=f"Steps for custom ({STEPS.text})",
                               elem_id="text-steps")

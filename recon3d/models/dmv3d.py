@@ -23,10 +23,10 @@ from torch import nn
 
 from .. import cameras
 from ..hub import CheckpointError, PretrainedModel
+from ..noise import seeded
 from ..render import RenderSettings, render_views
 from .dinov2 import Block
 from .lrm import PlaneDecoder, TriplaneTransformer, upsample_planes
-from ..noise import seeded
 from .random_init import randomize_
 from .triplane import TriplaneModel
 

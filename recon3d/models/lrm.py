@@ -17,8 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..hub import CheckpointError, PretrainedModel
-from .dinov2 import VIT_SPECS, DinoV2
 from ..noise import seeded
+from .dinov2 import VIT_SPECS, DinoV2
 from .random_init import randomize_
 from .triplane import TriplaneModel
 

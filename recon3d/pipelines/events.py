@@ -4,7 +4,7 @@ Every event says how far the whole job is (``fraction``, 0..1) and what is happe
 The kinds:
 
 - :class:`Stage`: the job entered a named stage (loading, encoding, meshing, ...);
-- :class:`Note`: something the user should know, nothing wrong (a prompt was cut, a level had to change);
+- :class:`Note`: something the user should know, nothing wrong (a prompt was cut, the background was not removed);
 - :class:`Preview`: images of the current state, ``views`` (B, V, 3, H, W) in [0, 1] on the CPU;
 - :class:`StepReport`: one optimisation step's numbers (score distillation);
 - :class:`SampleReady`: one finished sample of several (its result);

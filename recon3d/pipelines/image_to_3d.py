@@ -18,14 +18,13 @@ from ..cancel import NEVER, CancelToken
 from ..field import TriplaneField
 from ..images import (FOREGROUND_RATIO, BackgroundRemover, ImageInput, PreparedImage, image_to_tensor, prepare_image,
                       views_grid)
-from ..mesh import RESOLUTION, Mesh, MeshSettings, default_resolution, extract_mesh
+from ..mesh import FLOATER_FRACTION, RESOLUTION, Mesh, MeshSettings, default_resolution, extract_mesh
 from ..models.lrm import DENSITY_LEVEL, LRM, LRMConfig, random_lrm
 from ..options import Limit, Options, limited
 from ..render import RenderSettings, render_orbit
 from .events import Event, Finished, Stage, run_to_end
 from .progress import check_before_each, timed
 
-FLOATER_FRACTION = 0.05  # "remove floaters" on: drop detached parts under 5 % of the largest one
 
 
 @dataclass
@@ -56,15 +55,17 @@ class ImageTo3DResult:
     notes: list[str] = field(default_factory=list)
     render_settings: RenderSettings = field(default_factory=RenderSettings)  # the checkpoint's samples per ray
     render_size: int = 192  # the checkpoint's training render size
+    metadata: dict = field(default_factory=dict)  # how it was made (method, checkpoint, options): goes into the GLB
 
     @property
     def processed_image(self) -> Image.Image:
         return self.prepared.image
 
     def save_glb(self, path: str | Path) -> Path:
-        """Write the mesh as GLB; the seconds it took are added to ``timings`` as ``glb_write``."""
+        """Write the mesh as GLB with how it was made in its extras; the seconds it took are added to ``timings``
+        as ``glb_write``."""
         start = time.perf_counter()
-        path = self.mesh.save_glb(path)
+        path = self.mesh.save_glb(path, extras=self.metadata)
         self.timings["glb_write"] = time.perf_counter() - start
         return path
 
@@ -90,8 +91,8 @@ class ImageTo3DResult:
 class ImageTo3D:
     """``ImageTo3D.from_pretrained("zxhezexin/openlrm-mix-base-1.1")(image)`` -> :class:`ImageTo3DResult`."""
 
-    def __init__(self, model: LRM, random_weights: bool = False, offline: bool = False):
-        self.model = model
+    def __init__(self, model: LRM, random_weights: bool = False, offline: bool = False, source: str = "unknown"):
+        self.model, self.source = model, source
         self.random_weights = random_weights
         self.background_remover = BackgroundRemover(offline=offline)
 
@@ -100,14 +101,24 @@ class ImageTo3D:
                         dtype: torch.dtype | None = None, revision: str | None = None,
                         offline: bool | None = None) -> "ImageTo3D":
         model = LRM.from_pretrained(repo_or_folder, revision=revision, offline=offline, device=device, dtype=dtype)
-        return cls(model, offline=bool(offline))
+        return cls(model, offline=bool(offline), source=str(repo_or_folder) + (f"@{revision}" if revision else ""))
 
     @classmethod
     def random(cls, config: LRMConfig, seed: int = 0, device: torch.device | str | None = None,
                dtype: torch.dtype | None = None, offline: bool = True) -> "ImageTo3D":
         """Random weights: the whole path runs, the shapes are real, the output means nothing."""
         model = random_lrm(config, seed).to(device=device or "cpu", dtype=dtype or torch.float32)
-        return cls(model, random_weights=True, offline=offline)
+        return cls(model, random_weights=True, offline=offline, source="random weights")
+
+    def metadata(self, options: ImageTo3DOptions) -> dict:
+        """Everything that decides the mesh, as the GLB records it."""
+        from .. import __version__
+
+        return {"method": "LRM", "checkpoint": self.source, "foreground_ratio": options.foreground_ratio,
+                "remove_background": options.remove_background, "mesh_resolution": options.mesh_resolution,
+                "density_threshold": options.density_threshold, "remove_floaters": options.remove_floaters,
+                "dtype": str(self.dtype).removeprefix("torch."), "recon3d_version": __version__,
+                "random_weights": self.random_weights}
 
     @property
     def device(self) -> torch.device:
@@ -159,5 +170,5 @@ class ImageTo3D:
         samples = self.model.config.rendering_samples_per_ray
         result = ImageTo3DResult(prepared, planes, mesh, field_, timings, stats, list(prepared.notes),
                                  RenderSettings(coarse_samples=samples // 2, fine_samples=samples - samples // 2),
-                                 self.model.config.sizes[1])
+                                 self.model.config.sizes[1], self.metadata(options))
         yield Finished(fraction=1.0, message=f"{len(mesh.faces):,} triangles", result=result)

@@ -18,16 +18,17 @@ from PIL import Image
 
 from ..cancel import NEVER, CancelToken
 from ..images import FOREGROUND_RATIO, BackgroundRemover, ImageInput, image_to_tensor, prepare_image, views_grid
-from ..mesh import RESOLUTION, Mesh, MeshSettings, default_resolution, extract_mesh_or_fallback
+from ..mesh import FLOATER_FRACTION, RESOLUTION, Mesh, MeshSettings, default_resolution, extract_mesh_or_fallback
 from ..models.dmv3d import DMV3D, DMV3DConfig, canonical_views, new_dmv3d
 from ..noise import SEED, randn_tensor, seeded
-from ..options import Limit, Options, limited
+from ..options import DENOISING_STEPS, Limit, Options, limited
 from ..render import render_orbit
 from .events import Event, Finished, Note, Preview, SampleReady, Stage, run_to_end
 from .progress import check_before_each
 
 MAX_SEEDS = 8  # samples of one job, and of one comparison
 COUNT = Limit("the number of samples", 1, MAX_SEEDS, whole=True)
+DEFAULT_COUNT = 4  # new random seeds when none are listed
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -88,7 +89,7 @@ class SampleOptions(Options):
 
     MAX_SEEDS: ClassVar[int] = MAX_SEEDS
     seeds: list[int] = field(default_factory=lambda: [0])
-    steps: int = limited(30, Limit("steps", 1, 200, whole=True))
+    steps: int = limited(30, DENOISING_STEPS)
     foreground_ratio: float = limited(0.8, FOREGROUND_RATIO)
     remove_background: bool = True
     mesh_resolution: int | None = limited(None, RESOLUTION)  # None: the device's default (128 on a CPU, 256 on a GPU)
@@ -213,7 +214,7 @@ class Sample3D:
         no surface there), and a note when the level had to change."""
         level = None if self.random_weights else self.model.iso_level
         settings = MeshSettings(resolution=options.mesh_resolution, level=level,
-                                min_part_fraction=1.0 if self.random_weights else 0.05)
+                                min_part_fraction=1.0 if self.random_weights else FLOATER_FRACTION)
         mesh, _, note = extract_mesh_or_fallback(self.model.field(planes), settings, cancel=cancel)
         return mesh, note
 

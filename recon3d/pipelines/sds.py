@@ -94,6 +94,11 @@ class SDSOptions:
         return asdict(self)
 
 
+PRESET_DESCRIPTIONS = {  # for people: the app's and the CLI's help
+    "fast": "2,000 steps: the published schedule shortened (annealing and the switch to 256 px at the same fractions)",
+    "quality": "10,000 steps, as published",
+    "custom": "your step count, on the fast schedule's fractions",
+}
 PRESETS = {
     # MVDream's schedule compressed into 2,000 steps: the annealing and the switch to 256 px keep their fractions
     "fast": SDSOptions(steps=2000),
@@ -310,14 +315,16 @@ def optimise(prior: MultiViewPrior, options: SDSOptions, generator: torch.Genera
         step_seconds.setdefault(info["resolution"], []).append(time.perf_counter() - step_start)
         elapsed = time.perf_counter() - start
         eta = remaining_seconds(options, state.step, step_seconds, info["resolution"])
-        fraction = state.step / options.steps
+        fraction, preview = state.step / options.steps, None
+        if elapsed - last_preview >= options.preview_seconds or state.step == options.steps:
+            last_preview = elapsed  # (rendered before the step is reported: its time belongs to this step)
+            preview = Preview(fraction=fraction, message=f"views at step {state.step}",
+                              views=preview_views(state, options), step=state.step, steps=options.steps)
         yield StepReport(fraction=fraction, message=f"step {state.step}/{options.steps}  loss {info['loss']:.4g}  "
                                                     f"t {info['t']}  {info['resolution']} px  ETA {eta:.0f} s",
                          step=state.step, steps=options.steps, elapsed=elapsed, eta=eta, **info)
-        if elapsed - last_preview >= options.preview_seconds or state.step == options.steps:
-            last_preview = elapsed
-            yield Preview(fraction=fraction, message=f"views at step {state.step}",
-                          views=preview_views(state, options), step=state.step, steps=options.steps)
+        if preview is not None:
+            yield preview
     elapsed = time.perf_counter() - start
     yield Finished(fraction=1.0, message=f"stopped at step {state.step}/{options.steps} ({stopped})",
                    result=SDSOutcome(state, stopped, elapsed))

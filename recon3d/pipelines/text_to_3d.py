@@ -19,10 +19,10 @@ import torch
 
 from ..cameras import orbit_camera
 from ..cancel import NEVER, CancelToken
-from ..mesh import Mesh, MeshSettings, extract_mesh_or_fallback
+from ..mesh import FLOATER_FRACTION, Mesh, MeshSettings, extract_mesh_or_fallback
 from ..models.mvdream import MVDreamParts, camera_condition, load_parts, random_parts
 from ..noise import SEED, randn_tensor, seeded
-from ..options import Limit, Options, limited
+from ..options import DENOISING_STEPS, Limit, Options, limited
 from .events import Event, Exported, Finished, Note, Preview, Stage
 from .sds import GUIDANCE, PRESETS, STEPS, SDSControl, SDSOptions, SDSOutcome, SDSState, for_device, optimise
 
@@ -89,7 +89,7 @@ class QuickLookOptions(Options):
     """Plain 4-view DDIM sampling of what the prior imagines (no 3D)."""
 
     seed: int = limited(0, SEED)
-    steps: int | None = limited(None, Limit("steps", 1, 200, whole=True))  # None: 50, or 20 on a CPU
+    steps: int | None = limited(None, DENOISING_STEPS)  # None: 50, or 20 on a CPU
     guidance_scale: float = limited(7.5, GUIDANCE)
     negative_prompt: str = ""
     elevation_deg: float = limited(15.0, Limit("elevation", -90.0, 90.0))
@@ -97,6 +97,10 @@ class QuickLookOptions(Options):
 
     def device_defaults(self, device: torch.device | str) -> dict:
         return {"steps": QUICK_LOOK_STEPS.get(torch.device(device).type, 50)}
+
+    def validate(self) -> "QuickLookOptions":
+        self.negative_prompt = " ".join(str(self.negative_prompt or "").split())
+        return super().validate()
 
 
 @dataclass
@@ -283,7 +287,7 @@ def export_state(state: SDSState, options: SDSOptions, extras: dict, previews: t
                  cancel: CancelToken = NEVER) -> TextTo3DResult:
     """Marching cubes on the field at its iso level, vertex colours; an almost empty field falls back to the
     mesher's automatic level so an early export still shows something."""
-    settings = MeshSettings(resolution=options.mesh_resolution, min_part_fraction=0.05)
+    settings = MeshSettings(resolution=options.mesh_resolution, min_part_fraction=FLOATER_FRACTION)
     mesh, grid, note = extract_mesh_or_fallback(state.field, settings, cancel=cancel)
     level = "automatic (the field had no surface at its level yet)" if note else float(grid.stats["level"])
     extras = {**extras, "steps_done": state.step, "iso_level": level}
