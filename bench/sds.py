@@ -119,7 +119,7 @@ def phase_worker(setting: dict) -> dict:
     """Warm-up step, timed steps with peak memory, and (64 px phase) the preview render."""
     import recon3d.pipelines.sds as sds_module
     from recon3d.pipelines.progress import synchronize
-    from recon3d.pipelines.sds import PRESETS, NonFiniteLoss, make_optimiser, new_state, preview_views, sds_step
+    from recon3d.pipelines.sds import PRESETS, make_optimiser, new_state, preview_views, sds_step
 
     if setting.get("threads"):
         torch.set_num_threads(setting["threads"])
@@ -128,6 +128,10 @@ def phase_worker(setting: dict) -> dict:
     pipe, prior = build(setting, device, dtype)
     build_seconds = time.perf_counter() - started
     options = dataclasses.replace(PRESETS[setting["preset"]])
+    if setting.get("device_budget"):  # the recipe as recon3d runs it on this device (sds.for_device)
+        from recon3d.pipelines.sds import for_device
+
+        options = for_device(options, device)
     generator = torch.Generator().manual_seed(0)
     state = new_state(options, generator, device)
     optimiser = make_optimiser(state, options)
@@ -139,12 +143,10 @@ def phase_worker(setting: dict) -> dict:
     def step() -> dict:
         synchronize(device)
         start = time.perf_counter()
-        try:
-            info = sds_step(prior, state, optimiser, options, generator)
-        except NonFiniteLoss as exc:  # the step still did all its work but the update: time it, note it
-            state.step += 1  # (sds_step leaves the state as it was)
-            info = {"loss": None, "non_finite": str(exc), "resolution": setting["render_size"]}
-            non_finite.append(str(exc))
+        info = sds_step(prior, state, optimiser, options, generator)
+        if not info["finite"]:  # the step did all its work but the update: timed, and noted
+            info["loss"] = None
+            non_finite.append(state.step)
         synchronize(device)
         seconds = time.perf_counter() - start
         stages = clock.take()
@@ -210,10 +212,10 @@ def phase_steps(options) -> dict[int, int]:
 
 def simulate(options, seconds_per_step: dict[int, float], preview_seconds: float) -> dict:
     """:func:`optimise`'s clock for a preset: steps at their measured seconds; a preview (``preview_seconds``
-    of rendering, counted in the next step's elapsed time) whenever ``options.preview_seconds`` have passed since
-    the last one, and after the last step. Returns total seconds, previews, and per render size the mean and
-    largest wall interval between the ends of consecutive previews."""
-    from recon3d.pipelines.sds import resolution_at
+    of rendering, part of the step it follows) whenever :func:`~recon3d.pipelines.sds.preview_due` says so.
+    Returns total seconds, previews, and per render size the mean and largest wall interval between the ends of
+    consecutive previews."""
+    from recon3d.pipelines.sds import preview_due, resolution_at
 
     elapsed, last_preview, previews = 0.0, -math.inf, 0
     wall, last_wall = 0.0, 0.0  # wall clock including the preview renders
@@ -222,7 +224,7 @@ def simulate(options, seconds_per_step: dict[int, float], preview_seconds: float
         size = resolution_at(options, step)[0]
         elapsed += seconds_per_step[size]
         wall += seconds_per_step[size]
-        if elapsed - last_preview >= options.preview_seconds or step == options.steps - 1:
+        if preview_due(options, step + 1, elapsed - last_preview):
             last_preview = elapsed
             elapsed += preview_seconds
             wall += preview_seconds
@@ -235,17 +237,21 @@ def simulate(options, seconds_per_step: dict[int, float], preview_seconds: float
             "preview_interval_seconds": by_size}
 
 
-def project(records: list[dict], dtype: str) -> dict | None:
-    from recon3d.pipelines.sds import PRESETS
+def project(records: list[dict], dtype: str, budget_device: str | None = None) -> dict | None:
+    """Each preset's run time from the measured seconds per step (``budget_device``: the presets as recon3d
+    runs them on that device, when the steps were measured with that budget)."""
+    from recon3d.pipelines.sds import PRESETS, for_device
 
+    presets = {name: for_device(o, budget_device) if budget_device else o for name, o in PRESETS.items()}
     ok = {r["render_size"]: r for r in records if r["dtype"] == dtype and r["status"] == "ok"}
     low = next((r for r in ok.values() if r.get("preview_seconds") is not None), None)
     if len(ok) < 2 or low is None:
         return None
     per_step = {size: r["seconds_per_step"] for size, r in ok.items()}
     result = {"seconds_per_step": per_step, "preview_seconds": low["preview_seconds"],
-              "preview_every_seconds": PRESETS["fast"].preview_seconds, "presets": {}}
-    for name, options in PRESETS.items():
+              "preview_every_steps": presets["fast"].preview_every,
+              "preview_min_seconds": presets["fast"].preview_seconds, "presets": {}}
+    for name, options in presets.items():
         counts = phase_steps(options)
         sim = simulate(options, per_step, low["preview_seconds"])
         result["presets"][name] = {"steps": options.steps, "steps_per_size": counts,

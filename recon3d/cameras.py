@@ -161,7 +161,7 @@ def sample_orbit_cameras(groups: int, views: int, generator: torch.Generator,
                          distance_range: tuple[float, float] = (2.0, 2.5),
                          azimuth_step_deg: float = 90.0,
                          device: torch.device | str | None = None,
-                         distance_per_fov: bool = False) -> SampledCameras:
+                         distance_per_fov: bool = False, elevation_on_sphere: bool = False) -> SampledCameras:
     """``groups`` random groups of ``views`` cameras looking at the origin, for score distillation (MVDream).
 
     Within a group the views are ``azimuth_step_deg`` apart from a uniformly random start azimuth and share one
@@ -169,6 +169,9 @@ def sample_orbit_cameras(groups: int, views: int, generator: torch.Generator,
     own device), so a seed gives the same cameras anywhere; the result is moved to ``device`` (default: the
     generator's). ``distance_per_fov``: the drawn distance is divided by tan(fov / 2) (MVDream's recipe), so an
     object of radius 1 fills about the same share of the image whatever the field of view.
+    ``elevation_on_sphere``: the elevation is drawn uniformly on the sphere's band (asin of a uniform sine, as
+    threestudio does for half of its batches) instead of uniformly in degrees: 0..30 deg then gives 0..19.5 deg,
+    weighted toward the equator.
     """
     device = generator.device if device is None else device
     u = rand_tensor((groups, 4), generator, device)  # (N, 4), drawn on the generator's device
@@ -180,6 +183,9 @@ def sample_orbit_cameras(groups: int, views: int, generator: torch.Generator,
     steps = torch.arange(views, device=device, dtype=torch.float32) * azimuth_step_deg  # (V,)
     azimuth = (u[:, :1] * 360.0 + steps) % 360.0  # (N, V)
     elevation, fov = uniform(1, elevation_range_deg), uniform(2, fov_range_deg)
+    if elevation_on_sphere:  # threestudio's "elevation_range_percent": the range mapped to [0, 1] of the sphere
+        low, high = ((e + 90.0) / 180.0 for e in elevation_range_deg)
+        elevation = torch.rad2deg(torch.asin(2 * uniform(1, (low, high)) - 1))
     distance = uniform(3, distance_range)
     if distance_per_fov:
         distance = distance / torch.tan(torch.deg2rad(fov) / 2)

@@ -186,11 +186,13 @@ class NeuralTriplaneField(torch.nn.Module, Field):
     The blob, ``blob_density * (1 - |x| / blob_radius)`` added to the raw density (MVDream's "magic3d" blob: +10
     at the centre, 0 at |x| = 0.5, negative beyond), starts every run from a soft ball at the centre with empty
     space around it, so early renders have something to shade and floaters far out are discouraged. The surface is
-    exported at density 5, where a 0.2-unit slab is 63 % opaque: what the renders showed as solid.
+    exported at density 25, the reference's iso-surface threshold (a 0.04-unit slab at that density is 63 %
+    opaque), so haze stays haze; the start blob has no surface there yet, and the exporter then falls back to
+    an automatic level and says so.
     """
 
     def __init__(self, generator: torch.Generator, resolution: int = 128, channels: int = 16, hidden: int = 64,
-                 blob_density: float = 10.0, blob_radius: float = 0.5, iso_level: float | None = 5.0):
+                 blob_density: float = 10.0, blob_radius: float = 0.5, iso_level: float | None = 25.0):
         torch.nn.Module.__init__(self)
         self.planes = torch.nn.Parameter(0.1 * randn_tensor((1, 3, channels, resolution, resolution), generator))
         self.hidden = torch.nn.Parameter(randn_tensor((3 * channels, hidden), generator) / (3 * channels) ** 0.5)

@@ -339,16 +339,21 @@ def extract_mesh(field: Field, settings: MeshSettings | None = None, timings: di
 
 
 def extract_mesh_or_fallback(field: Field, settings: MeshSettings | None = None, timings: dict | None = None,
-                             cancel: CancelToken = NEVER) -> tuple[Mesh, DensityGrid, str | None]:
+                             cancel: CancelToken = NEVER, fallback_levels: tuple[float, ...] = (),
+                             ) -> tuple[Mesh, DensityGrid, str | None]:
     """:func:`extract_mesh`, and when the field has no surface at its level (an early state, an odd sample),
-    the mesh at an automatic level instead, with a note saying so (None when the level held)."""
+    the mesh at the first of ``fallback_levels`` that has one, else at an automatic level, with a note saying so
+    (None when the level held)."""
     settings = settings or MeshSettings()
-    try:
-        mesh, grid = extract_mesh(field, settings, timings, cancel)
-        return mesh, grid, None
-    except EmptyMeshError:
-        level = as_field(field).iso_level if settings.level == FIELD_LEVEL else settings.level
-        if level is None:
-            raise
-        mesh, grid = extract_mesh(field, replace(settings, level=None), timings, cancel)
-        return mesh, grid, f"no surface at density {level:g}: meshed at an automatic level ({grid.stats['level']:.3g})"
+    level = as_field(field).iso_level if settings.level == FIELD_LEVEL else settings.level
+    for attempt in (level, *fallback_levels):
+        try:
+            mesh, grid = extract_mesh(field, replace(settings, level=attempt), timings, cancel)
+        except EmptyMeshError:
+            if attempt is None:
+                raise
+            continue
+        note = None if attempt == level else f"no surface at density {level:g}: meshed at density {attempt:g}"
+        return mesh, grid, note
+    mesh, grid = extract_mesh(field, replace(settings, level=None), timings, cancel)
+    return mesh, grid, f"no surface at density {level:g}: meshed at an automatic level ({grid.stats['level']:.3g})"

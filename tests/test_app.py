@@ -533,7 +533,7 @@ def test_text_tab_streams_progress_previews_and_a_final_glb(app_url):
     assert [row[1] for row in plot["data"]] == pytest.approx([math.log10(float(s.split("loss ")[1].split()[0]))
                                                              for s in steps[:3]], abs=1e-3)
 
-    look = client.predict("a red chair", "", 1, RANDOM_MVDREAM, api_name="/quick_look")
+    look = client.predict("a red chair", 1, RANDOM_MVDREAM, api_name="/quick_look")
     assert Image.open(look).size == (4 * 256, 256)
 
 

@@ -84,6 +84,10 @@ def test_a_field_without_surface_at_its_level_is_meshed_at_an_automatic_one_with
     assert note.startswith("no surface at density 20: meshed at an automatic level") and 0 < grid.stats["level"] < 8
     assert 0.0 < radius.min() and radius.max() < 0.8  # inside the ball, where the automatic level lies
     assert radius.std() < 0.02  # a sphere: one level everywhere
+    mesh, grid, note = extract_mesh_or_fallback(Ball(), MeshSettings(resolution=64), fallback_levels=(30.0, 4.0))
+    assert note == "no surface at density 20: meshed at density 4" and grid.stats["level"] == 4.0
+    radius = np.linalg.norm(mesh.vertices, axis=1)
+    assert abs(radius.mean() - 0.4) < 0.02  # density 4 lies at half the radius
     ball = Ball()
     ball.iso_level = 4.0  # reachable: no fallback, no note
     assert extract_mesh_or_fallback(ball, MeshSettings(resolution=64))[2] is None

@@ -80,7 +80,7 @@ def test_tiny_random_mvdream_runs_sds_and_writes_a_glb(tiny_pipe, tmp_path):
     extras = read_extras(path)
     assert extras["prompt"] == "a red chair" and extras["seed"] == 7 and extras["steps"] == 3
     assert extras["preset"] == "custom" and extras["random_weights"] is True and extras["method"] == "MVDream SDS"
-    assert extras["guidance_scale"] == 50.0 and extras["negative_prompt"] == ""
+    assert extras["guidance_scale"] == 50.0 and extras["negative_prompt"].startswith("ugly, bad anatomy")
 
 
 def test_same_seed_same_run_different_seed_differs(tiny_pipe):
@@ -120,15 +120,15 @@ def test_stop_keeps_the_state_and_export_on_demand(tiny_pipe):
     assert event.result.extras["stopped"] == "stop" and event.result.extras["steps_done"] == 2
 
 
-class NaNAfter:
-    """A prior that predicts NaN noise from its ``bad``-th call on."""
+class NaNAt:
+    """A prior that predicts NaN noise on the calls in ``bad`` (1-based; every call from ``from_call`` on)."""
 
     encoder_size = 32
 
-    def __init__(self, bad):
+    def __init__(self, bad=(), from_call=None):
         from diffusers import DDIMScheduler
 
-        self.calls, self.bad = 0, bad
+        self.calls, self.bad, self.from_call = 0, set(bad), from_call
         self.alphas_cumprod = DDIMScheduler(**SD_SCHEDULER_CONFIG).alphas_cumprod
 
     def encode(self, images, generator):
@@ -136,24 +136,61 @@ class NaNAfter:
 
     def predict_noise(self, noisy, t, c2w, intrinsics):
         self.calls += 1
-        eps = torch.full_like(noisy, float("nan") if self.calls >= self.bad else 0.1)
+        broken = self.calls in self.bad or (self.from_call is not None and self.calls >= self.from_call)
+        eps = torch.full_like(noisy, float("nan") if broken else 0.1)
         return eps, eps
 
 
-def test_nan_loss_stops_and_keeps_the_last_good_state():
-    def run(prior, stop_after=None):
-        control = SDSControl()
-        for event in optimise(prior, replace(TINY, steps=10), torch.Generator().manual_seed(0), "cpu", control):
-            if isinstance(event, StepReport) and event.step == stop_after:
-                control.stop.set()
-        return event.result
+def run_sds(prior, options, stop_after=None):
+    """The events of one SDS run and its outcome; Stop pressed after step ``stop_after``."""
+    control, events = SDSControl(), []
+    for event in optimise(prior, options, torch.Generator().manual_seed(0), "cpu", control):
+        events.append(event)
+        if isinstance(event, StepReport) and event.step == stop_after:
+            control.stop.set()
+    return events, events[-1].result
 
-    last = run(NaNAfter(bad=3))
-    state = last.state
-    assert state.step == 2 and "NaN at step 3" in last.stopped
-    two_good_steps = run(NaNAfter(bad=100), stop_after=2).state
-    for kept, good in zip(state.field.parameters(), two_good_steps.field.parameters()):
-        assert torch.equal(kept, good)  # the NaN step changed nothing
+
+def parameters(state):
+    return [p.detach().clone() for p in [*state.field.parameters(), *state.background.parameters()]]
+
+
+def test_a_non_finite_step_is_skipped_counted_and_the_run_goes_on():
+    events, outcome = run_sds(NaNAt(bad={3}), replace(TINY, steps=6))
+    reports = [e for e in events if isinstance(e, StepReport)]
+    assert outcome.stopped == "done" and outcome.state.step == 6 and outcome.state.skipped == 1
+    assert [r.skipped for r in reports] == [0, 0, 1, 1, 1, 1] and math.isnan(reports[2].loss)
+    assert "skipped: non-finite" in reports[2].message and len(outcome.state.losses) == 5
+    before, _ = run_sds(NaNAt(), replace(TINY, steps=6), stop_after=2)  # the same run, stopped after step 2
+    after_skip, _ = run_sds(NaNAt(bad={3}), replace(TINY, steps=6), stop_after=3)
+    for kept, good in zip(parameters(after_skip[-1].result.state), parameters(before[-1].result.state)):
+        assert torch.equal(kept, good)  # the skipped step changed nothing
+
+
+def test_a_run_of_non_finite_steps_stops_and_keeps_the_last_good_state():
+    options = replace(TINY, steps=10, max_skipped_in_a_row=3)
+    _, outcome = run_sds(NaNAt(from_call=3), options)
+    assert outcome.state.step == 5 and outcome.state.skipped == 3  # 2 good steps, then 3 skipped in a row
+    assert outcome.stopped == ("3 steps in a row had a non-finite loss or gradient (the prior's weights or precision "
+                               "are broken); kept the state of step 2")
+    _, two_good = run_sds(NaNAt(), options, stop_after=2)
+    for kept, good in zip(parameters(outcome.state), parameters(two_good.state)):
+        assert torch.equal(kept, good)
+
+
+def test_bfloat16_mvdream_runs_every_step_with_the_reference_negative_prompt(tmp_path):
+    """The UNet in bfloat16, the VAE (differentiated through) in float32: every step of a tiny run completes."""
+    from recon3d.pipelines.text_to_3d import REFERENCE_NEGATIVE_PROMPT
+
+    pipe = TextTo3D.random(seed=0, dtype=torch.bfloat16)
+    assert next(pipe.unet.parameters()).dtype == torch.bfloat16 and next(pipe.vae.parameters()).dtype == torch.float32
+    events = list(pipe.generate("a red chair", TextTo3DOptions(base=replace(TINY, steps=3))))
+    result = events[-1].result
+    extras = read_extras(result.save_glb(tmp_path / "bf16.glb"))
+    assert extras["negative_prompt"] == REFERENCE_NEGATIVE_PROMPT and extras["dtype"] == "bfloat16"
+    assert extras["steps_done"] == 3 and extras["non_finite_steps"] == 0 and "stopped" in extras
+    assert [e.step for e in events if isinstance(e, StepReport)] == [1, 2, 3]
+    assert all(np.isfinite(result.losses)) and len(result.losses) == 3
 
 
 # ---- convergence: the same loop with an analytic denoiser ------------------------------------------------------
@@ -331,3 +368,52 @@ def test_service_job_records_the_preset_or_custom_and_keeps_two_previews(tmp_pat
         assert (extras["preset"], extras["steps"], extras["steps_done"]) == ("custom", 3, 3)  # a base recipe is custom
         assert extras["negative_prompt"] == "blurry, dull" and extras["seed"] == 1
     assert len(list(tmp_path.rglob("text-preview*.png"))) == 4  # 3 previews per job, each job keeps its latest two
+
+
+def test_the_reference_defaults():
+    """MVDream-threestudio's negative prompt, the sampling script's quick look, 4-view groups, level-25 meshes."""
+    from recon3d.field import NeuralTriplaneField
+    from recon3d.pipelines.text_to_3d import REFERENCE_NEGATIVE_PROMPT, QuickLookOptions, export_state
+
+    assert TextTo3DOptions().negative_prompt == REFERENCE_NEGATIVE_PROMPT
+    assert REFERENCE_NEGATIVE_PROMPT.startswith("ugly, bad anatomy, blurry") and REFERENCE_NEGATIVE_PROMPT.endswith(
+        "dehydrated, bad proportions")
+    assert TextTo3DOptions(negative_prompt="").validate().negative_prompt == ""  # clearable
+    look = QuickLookOptions()
+    assert (look.guidance_scale, look.azimuth_start_deg, look.elevation_deg, look.negative_prompt) == (10.0, 90.0, 15.0, "")
+    with pytest.raises(ValueError, match="views must be 4: MVDream denoises groups of 4 views"):
+        SDSOptions(views=3)
+    assert NeuralTriplaneField(torch.Generator().manual_seed(0), 32, 8).iso_level == 25.0
+    state = new_state(TINY, torch.Generator().manual_seed(0), "cpu")
+    result = export_state(state, TINY, {}, None)  # the start blob peaks near 10: no surface at 25 yet
+    assert result.extras["iso_level"] == 5.0 and len(result.mesh.faces) > 0
+    assert result.extras["iso_level_note"] == "no surface at density 25: meshed at density 5"
+
+
+def test_timesteps_include_the_upper_end_and_half_the_elevations_are_uniform_on_the_sphere():
+    from recon3d.cameras import sample_orbit_cameras
+
+    prior = FixedNoise(torch.zeros(4, 4, 2, 2), torch.zeros(4, 4, 2, 2))
+    generator, seen = torch.Generator().manual_seed(0), set()
+    c2w, intrinsics = orbit_camera(torch.arange(4.0) * 90, 10.0, 2.0), torch.zeros(4, 4)
+    for _ in range(60):
+        _, t = x0_reconstruction_loss(prior, torch.zeros(4, 4, 2, 2), (0.5, 0.502), c2w, intrinsics, SDSOptions(),
+                                      generator)
+        seen.add(t)
+    assert seen == {500, 501, 502}  # [min, max], the reference's inclusive range
+    g = torch.Generator().manual_seed(1)
+    sphere = sample_orbit_cameras(2000, 4, g, (0.0, 30.0), elevation_on_sphere=True).elevation_deg[:, 0]
+    degrees = sample_orbit_cameras(2000, 4, g, (0.0, 30.0)).elevation_deg[:, 0]
+    assert 0.0 <= sphere.min() and sphere.max() <= math.degrees(math.asin(1 / 3)) + 1e-4 < 19.5  # 0..19.47 deg
+    assert sphere.max() > 19.0 and degrees.max() > 29.0
+    assert (sphere < 10).float().mean() > 0.5 > (degrees < 10).float().mean()  # weighted toward the equator
+
+
+def test_previews_come_every_n_steps_at_most_every_few_seconds():
+    from recon3d.pipelines.sds import for_device, preview_due
+
+    options = SDSOptions(steps=100, preview_every=10, preview_seconds=3.0)
+    due = [step for step in range(1, 101) if preview_due(options, step, since_last=5.0)]
+    assert due == [1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
+    assert not preview_due(options, 20, since_last=1.0) and preview_due(options, 100, since_last=0.0)
+    assert for_device(options, "cpu").preview_every == 1 and for_device(options, "cuda").preview_every == 10

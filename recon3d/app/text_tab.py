@@ -17,11 +17,16 @@ from ..service import MeshFile, ModelService, PreviewFile, quick_look_job, text_
 from ..sessions import Sessions
 from .common import GPU_QUEUE, SWITCHES, checked, job_result, viewer, visitor_id, visitor_job
 
-INTRO = ("MVDream (Shi et al., ICLR 2024) score distillation: a 3D field is optimised until four views of it, 90 "
-         "degrees apart, look like what the multi-view diffusion prior expects for your prompt. The preview "
-         "refreshes every few seconds; **Export now** writes a GLB of the current state, **Stop & keep** ends the "
-         "run and exports it. The job keeps running while this tab is in the background and is cancelled when you "
-         "close it. Weights: CreativeML OpenRAIL-M.")
+def intro(service: ModelService) -> str:
+    """What the tab does and how often this server shows progress (from the recipe it runs on its device)."""
+    recipe = TextTo3DOptions().recipe(service.device)
+    cadence = ("after every step" if recipe.preview_every == 1 else
+               f"every {recipe.preview_every} steps (at most one per {recipe.preview_seconds:g} s)")
+    return ("MVDream (Shi et al., ICLR 2024) score distillation: a 3D field is optimised until four views of it, 90 "
+            "degrees apart, look like what the multi-view diffusion prior expects for your prompt. On this server "
+            f"the preview refreshes {cadence}. **Export now** writes a GLB of the current state (the optimisation "
+            "pauses while it meshes), **Stop & keep** ends the run and exports it. The job keeps running while "
+            "this tab is in the background and is cancelled when you close it. Weights: CreativeML OpenRAIL-M.")
 CPU_NOTE = ("**This server has no GPU**: with the real MVDream a step takes one to two minutes here "
             "(bench/results/sds-cpu.json), so even the fast schedule takes days. Use a custom step count to try it, "
             "or run recon3d on a GPU.")
@@ -76,15 +81,18 @@ def loss_table(losses: list[tuple[int, float]], points: int = 400):
 
 def step_status(report: StepReport) -> str:
     low, high = report.t_range
+    skipped = f" · {report.skipped:,} skipped (non-finite)" if report.skipped else ""
     return (f"Step {report.step:,}/{report.steps:,} · loss {report.loss:.4g} · t in [{low:.2f}, {high:.2f}] · "
-            f"{report.resolution} px · elapsed {report.elapsed:.0f} s · ETA {report.eta:.0f} s")
+            f"{report.resolution} px · elapsed {report.elapsed:.0f} s · ETA {report.eta:.0f} s{skipped}")
 
 
 def end_status(result: TextTo3DResult) -> str:
     extras, stopped = result.extras, result.extras.get("stopped", "done")
     ending = {"done": "Done", "stop": "Stopped"}.get(stopped, f"Stopped: {stopped}")
+    skipped = extras.get("non_finite_steps", 0)
+    skipped = f" {skipped:,} steps were skipped (non-finite loss)." if skipped else ""
     return (f"{ending} at step {extras['steps_done']:,}/{extras['steps']:,} after {result.elapsed or 0:.0f} s; "
-            f"the GLB below is that state.")
+            f"the GLB below is that state.{skipped}")
 
 
 def make_handler(service: ModelService, sessions: Sessions, controls: TextControls, outputs: dict):
@@ -107,7 +115,8 @@ def make_handler(service: ModelService, sessions: Sessions, controls: TextContro
                     progress(event.fraction, desc=event.message)
                     update = {}
                     if isinstance(event, StepReport):
-                        losses.append((event.step, event.loss))
+                        if math.isfinite(event.loss):
+                            losses.append((event.step, event.loss))
                         line = step_status(event)
                     elif isinstance(event, Note):
                         warning = f"\n\n_{event.message[:1].upper()}{event.message[1:]}._"
@@ -147,12 +156,11 @@ def make_switch(controls: TextControls, switch: str):
 
 
 def make_quick_look_handler(service: ModelService, sessions: Sessions):
-    async def quick_look(prompt, negative_prompt, seed, checkpoint, request: gr.Request = None,
-                         progress=gr.Progress()):
-        """Four views of what MVDream imagines for the prompt (plain multi-view DDIM sampling, no 3D)."""
+    async def quick_look(prompt, seed, checkpoint, request: gr.Request = None, progress=gr.Progress()):
+        """Four views of what MVDream imagines for the prompt (plain multi-view DDIM sampling, no 3D), with its
+        sampling script's settings (no negative prompt)."""
         prompt = checked(lambda: check_prompt(prompt))
-        options = checked(lambda: QuickLookOptions(seed=seed, negative_prompt=str(negative_prompt or ""))
-                          .resolved(service.device))
+        options = checked(lambda: QuickLookOptions(seed=seed).resolved(service.device))
         session = visitor_id(request)
         with sessions.job(session) as cancel:
             job = quick_look_job(service, sessions, session, checkpoint, prompt, options, cancel)
@@ -163,7 +171,7 @@ def make_quick_look_handler(service: ModelService, sessions: Sessions):
 
 def build(service: ModelService, sessions: Sessions, controls: TextControls) -> None:
     """The tab's widgets and events (inside a ``gr.Tab``)."""
-    gr.Markdown(INTRO)
+    gr.Markdown(intro(service))
     choices = service.mvdream_choices()
     if service.device.type == "cpu" and not service.settings.random_weights:
         gr.Markdown(CPU_NOTE, elem_id="text-cpu-note")
@@ -171,7 +179,8 @@ def build(service: ModelService, sessions: Sessions, controls: TextControls) -> 
         with gr.Column(scale=1):
             prompt = gr.Textbox(label="Prompt", placeholder="one object, e.g. a wooden rocking chair", lines=2,
                                 elem_id="text-prompt")
-            negative_prompt = gr.Textbox(label="Negative prompt (optional)", elem_id="text-negative")
+            negative_prompt = gr.Textbox(TextTo3DOptions.negative_prompt, lines=2, elem_id="text-negative",
+                                         label="Negative prompt (MVDream's reference one: edit it or clear it)")
             checkpoint = gr.Dropdown(choices, value=choices[0][1], label="MVDream checkpoint")
             preset = gr.Radio(list(TextTo3DOptions.PRESET_CHOICES), value=TextTo3DOptions.preset, label="Schedule",
                               info="; ".join(f"{name}: {text}" for name, text in PRESET_DESCRIPTIONS.items()) + ".",
@@ -205,7 +214,7 @@ def build(service: ModelService, sessions: Sessions, controls: TextControls) -> 
                    inputs=[prompt, negative_prompt, preset, steps, seed, guidance, checkpoint],
                    outputs=list(outputs.values()), show_progress_on=[preview], api_name="text_to_3d",
                    concurrency_id=GPU_QUEUE, concurrency_limit=1)
-    look.click(make_quick_look_handler(service, sessions), inputs=[prompt, negative_prompt, seed, checkpoint],
+    look.click(make_quick_look_handler(service, sessions), inputs=[prompt, seed, checkpoint],
                outputs=[quick], api_name="quick_look", concurrency_id=GPU_QUEUE, concurrency_limit=1)
     # The switches answer at once, beside the running job (their own concurrency group, no limit)
     stop.click(make_switch(controls, "stop"), outputs=[status], api_name="stop_text_to_3d",

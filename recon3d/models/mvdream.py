@@ -217,8 +217,11 @@ class MVDreamParts:
     notes: list[str] = field(default_factory=list)  # what the user should know (e.g. a part taken elsewhere)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "MVDreamParts":
-        for module in (self.unet, self.vae, self.text_encoder):
+        """The UNet and text encoder in ``dtype``; the VAE always in float32: score distillation differentiates
+        through its encoder, and a half-precision backward there overflows (83.7 M parameters: cheap to keep)."""
+        for module in (self.unet, self.text_encoder):
             module.to(device=device, dtype=dtype).eval().requires_grad_(False)
+        self.vae.to(device=device, dtype=torch.float32).eval().requires_grad_(False)
         return self
 
 

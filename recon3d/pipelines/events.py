@@ -55,6 +55,7 @@ class StepReport(Event):
     resolution: int  # render size (px)
     elapsed: float  # seconds since the run started
     eta: float  # seconds left, estimated
+    skipped: int = 0  # steps so far whose loss or gradient was not finite (no update; loss is NaN for this one)
 
 
 @dataclass(kw_only=True)

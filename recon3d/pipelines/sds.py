@@ -62,13 +62,14 @@ class SDSOptions:
     t_start: tuple[float, float] = (0.98, 0.98)  # (min, max) fraction of the schedule at step 0
     t_end: tuple[float, float] = (0.02, 0.50)  # ... reached at anneal_fraction of the steps
     anneal_fraction: float = 0.8
-    views: int = 4
+    views: int = 4  # MVDream denoises groups of exactly 4 views (checked, as the reference does)
     low_resolution: int = 64
     low_resolution_groups: int = 2
     high_resolution: int = 256
     high_resolution_groups: int = 1
     high_resolution_from: float = 0.5  # fraction of the steps rendered at low resolution
     elevation_range_deg: tuple[float, float] = (0.0, 30.0)
+    sphere_elevation_probability: float = 0.5  # batches whose elevation is uniform on the sphere, not in degrees
     fov_range_deg: tuple[float, float] = (15.0, 60.0)
     distance_range: tuple[float, float] = (0.8, 1.0)  # times 1 / tan(fov / 2), for an object of radius 1
     grid_lr: float = 0.01
@@ -83,12 +84,18 @@ class SDSOptions:
     coarse_samples: int = 64
     fine_samples: int = 32
     chunk_rays: int = 16384
-    preview_seconds: float = 3.0  # a preview at least this often (and after the first step)
+    preview_every: int = 10  # a preview every this many steps (and after the first and the last step) ...
+    preview_seconds: float = 3.0  # ... but at most one in this many seconds
+    # a run stops after this many non-finite steps in a row: isolated ones (a rare half-precision overflow) are
+    # skipped, but 20 running means the prior itself is broken, and going on would only burn the GPU
+    max_skipped_in_a_row: int = 20
     preview_size: int = 128
     mesh_resolution: int = 192
 
     def __post_init__(self) -> None:
         check_limits(self)
+        if self.views != 4:
+            raise ValueError(f"views must be 4: MVDream denoises groups of 4 views (got {self.views})")
 
     def to_dict(self) -> dict:
         return asdict(self)
@@ -115,7 +122,8 @@ def for_device(options: SDSOptions, device: torch.device | str) -> SDSOptions:
         return options
     return replace(options, high_resolution=min(options.high_resolution, 128),
                    coarse_samples=min(options.coarse_samples, 32), fine_samples=min(options.fine_samples, 16),
-                   preview_size=min(options.preview_size, 64), mesh_resolution=min(options.mesh_resolution, 128))
+                   preview_size=min(options.preview_size, 64), mesh_resolution=min(options.mesh_resolution, 128),
+                   preview_every=1)  # a CPU step takes minutes: show every one
 
 
 def timestep_range(options: SDSOptions, step: int) -> tuple[float, float]:
@@ -151,8 +159,10 @@ class SDSState:
 
     field: NeuralTriplaneField
     background: BackgroundNetwork
-    step: int = 0  # steps completed
-    losses: list[float] = field(default_factory=list)
+    step: int = 0  # steps completed (skipped ones included: the schedule moves on)
+    losses: list[float] = field(default_factory=list)  # of the steps that updated the field
+    skipped: int = 0  # steps whose loss or gradient was not finite: no update
+    skipped_in_a_row: int = 0
     render_generator: torch.Generator | None = None  # ray jitter, on the field's device (None: the step's generator)
 
 
@@ -168,7 +178,7 @@ def x0_reconstruction_loss(prior: MultiViewPrior, latents: torch.Tensor, t_fract
     """MVDream's SDS loss for latents (B, ...) of renders from cameras (B, 4, 4), (B, 4), and the t it drew."""
     steps = prior.alphas_cumprod.shape[0]
     low, high = int(t_fraction[0] * steps), int(t_fraction[1] * steps)
-    t = randint(low, max(high, low + 1), generator)  # one t for the whole batch
+    t = randint(low, high + 1, generator)  # one t for the whole batch, in [low, high] as the reference draws it
     noise = randn_tensor(latents.shape, generator, latents.device)
     abar = prior.alphas_cumprod[t].to(latents.device, torch.float32)
     with torch.no_grad():
@@ -187,9 +197,10 @@ def x0_reconstruction_loss(prior: MultiViewPrior, latents: torch.Tensor, t_fract
 def render_batch(state: SDSState, options: SDSOptions, step: int, generator: torch.Generator) -> dict:
     """Renders (B, 3, S, S) of the field from fresh random camera groups, with their cameras."""
     size, groups = resolution_at(options, step)
+    on_sphere = float(rand_tensor((), generator)) < options.sphere_elevation_probability
     cameras = sample_orbit_cameras(groups, options.views, generator, options.elevation_range_deg,
                                    options.fov_range_deg, options.distance_range, 360.0 / options.views,
-                                   device=state.field.device, distance_per_fov=True)
+                                   device=state.field.device, distance_per_fov=True, elevation_on_sphere=on_sphere)
     c2w, intrinsics = cameras.c2w.reshape(1, -1, 4, 4), cameras.intrinsics.reshape(1, -1, 4)  # one object, B views
     background = state.background if options.learn_background else (1.0, 1.0, 1.0)
     if float(rand_tensor((), generator)) < options.random_background_probability:
@@ -226,14 +237,11 @@ def preview_views(state: SDSState, options: SDSOptions) -> torch.Tensor:
     return rgb.permute(0, 1, 4, 2, 3)
 
 
-class NonFiniteLoss(RuntimeError):
-    """The loss or its gradient became NaN or infinite; the state before that step is kept."""
-
-
 def sds_step(prior: MultiViewPrior, state: SDSState, optimiser: torch.optim.Optimizer, options: SDSOptions,
              generator: torch.Generator, cancel: CancelToken = NEVER) -> dict:
-    """One optimisation step; raises :class:`NonFiniteLoss` (without changing the state) on a NaN. ``cancel`` is
-    also checked between the stages of the step (a CPU step takes minutes)."""
+    """One optimisation step. A step whose loss or gradient is not finite (a half-precision overflow in the prior)
+    changes nothing but the step count and is counted in ``state.skipped``; its info says ``finite: False``.
+    ``cancel`` is also checked between the stages of the step (a CPU step takes minutes)."""
     step = state.step
     batch = render_batch(state, options, step, generator)
     cancel.check()
@@ -246,13 +254,17 @@ def sds_step(prior: MultiViewPrior, state: SDSState, optimiser: torch.optim.Opti
     optimiser.zero_grad(set_to_none=True)
     loss.backward()
     grads = [p.grad for group in optimiser.param_groups for p in group["params"] if p.grad is not None]
-    if not torch.isfinite(loss) or not all(torch.isfinite(g).all() for g in grads):
-        optimiser.zero_grad(set_to_none=True)
-        raise NonFiniteLoss(f"the loss became {'NaN' if loss.isnan() else 'non-finite'} at step {step + 1}")
-    optimiser.step()
+    finite = bool(torch.isfinite(loss)) and all(bool(torch.isfinite(g).all()) for g in grads)
     state.step += 1
+    info = {"t": t, "t_range": t_range, "resolution": batch["images"].shape[-1], "finite": finite}
+    if not finite:  # skip the update: the field, background and optimiser moments stay as they were
+        optimiser.zero_grad(set_to_none=True)
+        state.skipped, state.skipped_in_a_row = state.skipped + 1, state.skipped_in_a_row + 1
+        return {**info, "loss": float("nan")}
+    optimiser.step()
+    state.skipped_in_a_row = 0
     state.losses.append(loss.item())
-    return {"loss": state.losses[-1], "t": t, "t_range": t_range, "resolution": batch["images"].shape[-1]}
+    return {**info, "loss": state.losses[-1]}
 
 
 def remaining_seconds(options: SDSOptions, step: int, step_seconds: dict[int, list[float]], current: int) -> float:
@@ -276,6 +288,14 @@ class SDSControl:
     export: threading.Event = field(default_factory=threading.Event)
 
 
+def preview_due(options: SDSOptions, step: int, since_last: float) -> bool:
+    """Whether a preview comes after ``step`` (steps done): after the first and the last step, and every
+    ``preview_every`` steps unless one came less than ``preview_seconds`` ago."""
+    if step in (1, options.steps):
+        return True
+    return step % options.preview_every == 0 and since_last >= options.preview_seconds
+
+
 @dataclass
 class SDSOutcome:
     """How a run ended: the state reached, why it ended ("done", "stop", or what went wrong) and how long it ran."""
@@ -288,8 +308,8 @@ class SDSOutcome:
 def optimise(prior: MultiViewPrior, options: SDSOptions, generator: torch.Generator, device: torch.device | str,
              control: SDSControl | None = None, cancel: CancelToken = NEVER,
              state: SDSState | None = None) -> Iterator[Event]:
-    """Run SDS, yielding a :class:`StepReport` after every step, a :class:`Preview` of four views at least every
-    ``options.preview_seconds`` (and after the last step), an :class:`Exported` event with the :class:`SDSState`
+    """Run SDS, yielding a :class:`StepReport` after every step, a :class:`Preview` of four views when
+    :func:`preview_due`, an :class:`Exported` event with the :class:`SDSState`
     whenever ``control.export`` is set (for the caller to mesh), and last :class:`Finished` with an
     :class:`SDSOutcome`. ``cancel`` aborts (raising :class:`~recon3d.cancel.Cancelled`)."""
     control = control or SDSControl()
@@ -307,22 +327,26 @@ def optimise(prior: MultiViewPrior, options: SDSOptions, generator: torch.Genera
             yield Exported(fraction=state.step / options.steps, message=f"exporting at step {state.step}",
                            result=state)
         step_start = time.perf_counter()
-        try:
-            info = sds_step(prior, state, optimiser, options, generator, cancel)
-        except NonFiniteLoss as exc:
-            stopped = f"{exc}; kept the state of step {state.step}"
+        info = sds_step(prior, state, optimiser, options, generator, cancel)
+        if state.skipped_in_a_row >= options.max_skipped_in_a_row:
+            good = state.step - state.skipped_in_a_row
+            stopped = (f"{state.skipped_in_a_row} steps in a row had a non-finite loss or gradient (the prior's "
+                       f"weights or precision are broken); kept the state of step {good}")
             break
+        finite = info.pop("finite")
         step_seconds.setdefault(info["resolution"], []).append(time.perf_counter() - step_start)
         elapsed = time.perf_counter() - start
         eta = remaining_seconds(options, state.step, step_seconds, info["resolution"])
         fraction, preview = state.step / options.steps, None
-        if elapsed - last_preview >= options.preview_seconds or state.step == options.steps:
+        if preview_due(options, state.step, elapsed - last_preview):
             last_preview = elapsed  # (rendered before the step is reported: its time belongs to this step)
             preview = Preview(fraction=fraction, message=f"views at step {state.step}",
                               views=preview_views(state, options), step=state.step, steps=options.steps)
+        skipped = f"  (skipped: non-finite; {state.skipped} so far)" if not finite else ""
         yield StepReport(fraction=fraction, message=f"step {state.step}/{options.steps}  loss {info['loss']:.4g}  "
-                                                    f"t {info['t']}  {info['resolution']} px  ETA {eta:.0f} s",
-                         step=state.step, steps=options.steps, elapsed=elapsed, eta=eta, **info)
+                                                    f"t {info['t']}  {info['resolution']} px  ETA {eta:.0f} s{skipped}",
+                         step=state.step, steps=options.steps, elapsed=elapsed, eta=eta, skipped=state.skipped,
+                         **info)
         if preview is not None:
             yield preview
     elapsed = time.perf_counter() - start

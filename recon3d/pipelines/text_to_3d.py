@@ -28,6 +28,11 @@ from .sds import GUIDANCE, PRESETS, STEPS, SDSControl, SDSOptions, SDSOutcome, S
 
 PROMPT_SUFFIX = ", 3d asset"  # MVDream's plain sampling appends it
 METHOD = "MVDream SDS"
+# MVDream-threestudio's negative prompt (configs/mvdream-sd21.yaml): at guidance 50 it turns every step's
+# direction away from these, so it is the default; the quick look, as MVDream's sampling script, uses none
+REFERENCE_NEGATIVE_PROMPT = ("ugly, bad anatomy, blurry, pixelated obscure, unnatural colors, poor lighting, dull, "
+                             "and unclear, cropped, lowres, low quality, artifacts, duplicate, morbid, mutilated, "
+                             "poorly drawn face, deformed, dehydrated, bad proportions")
 MAX_PROMPT_CHARS = 1000  # longer than any prompt the tokenizer takes; beyond 77 tokens the prompt is cut (said)
 CUSTOM = "custom"
 
@@ -52,7 +57,7 @@ class TextTo3DOptions(Options):
     steps: int | None = limited(None, STEPS)  # with preset "custom" only
     seed: int = limited(0, SEED)
     guidance_scale: float = limited(PRESETS["fast"].guidance_scale, GUIDANCE)  # 50, as published
-    negative_prompt: str = ""
+    negative_prompt: str = REFERENCE_NEGATIVE_PROMPT  # "" for none
     base: SDSOptions | None = None  # an explicit recipe (experiments, tests); its steps unless ``steps`` is given
 
     def validate(self) -> "TextTo3DOptions":
@@ -86,13 +91,16 @@ QUICK_LOOK_STEPS = {"cpu": 20}  # DDIM steps of the quick look by device type; e
 
 @dataclass
 class QuickLookOptions(Options):
-    """Plain 4-view DDIM sampling of what the prior imagines (no 3D)."""
+    """Plain 4-view DDIM sampling of what the prior imagines (no 3D), with MVDream's sampling-script settings:
+    guidance 10, elevation 15 deg, views 90 deg apart from azimuth 90 deg (its convention and ours agree on
+    azimuths: see ``camera_condition``), no negative prompt."""
 
     seed: int = limited(0, SEED)
     steps: int | None = limited(None, DENOISING_STEPS)  # None: 50, or 20 on a CPU
-    guidance_scale: float = limited(7.5, GUIDANCE)
+    guidance_scale: float = limited(10.0, GUIDANCE)
     negative_prompt: str = ""
     elevation_deg: float = limited(15.0, Limit("elevation", -90.0, 90.0))
+    azimuth_start_deg: float = limited(90.0, Limit("azimuth", -360.0, 360.0))
     size: int = limited(256, Limit("size", 64, 512, whole=True))
 
     def device_defaults(self, device: torch.device | str) -> dict:
@@ -112,7 +120,9 @@ class PromptEmbeddings:
 
 class MVDreamPrior:
     """MVDream as SDS's :class:`~recon3d.pipelines.sds.MultiViewPrior`: VAE encoder + multi-view UNet with the
-    text and negative-prompt embeddings. Computes in the parts' dtype; hands float32 back."""
+    text and negative-prompt embeddings. The UNet computes in its dtype (half precision on a GPU: no gradient
+    flows into it); the VAE is float32 (see ``MVDreamParts.to``), so the gradient from the latents back through
+    the encoder to the renders is float32 and needs no loss scaling. Hands float32 back."""
 
     encoder_size = 256
 
@@ -126,7 +136,8 @@ class MVDreamPrior:
 
     def encode(self, images: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
         vae = self.parts.vae
-        posterior = vae.encode((images * 2 - 1).to(self._dtype)).latent_dist  # (B, 4, S/8, S/8)
+        vae_dtype = next(vae.parameters()).dtype
+        posterior = vae.encode((images * 2 - 1).to(vae_dtype)).latent_dist  # (B, 4, S/8, S/8)
         noise = randn_tensor(posterior.mean.shape, generator, posterior.mean.device, posterior.mean.dtype)
         latents = posterior.mean + posterior.std * noise
         return latents.float() * vae.config.scaling_factor
@@ -214,7 +225,8 @@ class TextTo3D:
         scheduler = type(self.scheduler).from_config(self.scheduler.config)  # its own step state
         scheduler.set_timesteps(options.steps, device=self.device)
         prior = MVDreamPrior(self.parts, self.encode_prompt(prompt + PROMPT_SUFFIX, options.negative_prompt))
-        c2w = orbit_camera(torch.arange(4.0) * 90.0, options.elevation_deg, 1.0).to(self.device)  # (4, 4, 4)
+        azimuths = options.azimuth_start_deg + torch.arange(4.0) * 90.0
+        c2w = orbit_camera(azimuths, options.elevation_deg, 1.0).to(self.device)  # (4, 4, 4)
         latent_size = options.size // 8
         latents = randn_tensor((4, 4, latent_size, latent_size), seeded(options.seed), self.device)
         for i, t in enumerate(scheduler.timesteps):
@@ -252,7 +264,8 @@ class TextTo3D:
         extras = {"method": METHOD, "checkpoint": source or self.parts.source, "prompt": prompt,
                   "negative_prompt": options.negative_prompt, "seed": options.seed, "preset": options.label,
                   "steps": recipe.steps, "guidance_scale": recipe.guidance_scale,
-                  "random_weights": self.random_weights, "prompt_truncated": embeddings.truncated}
+                  "random_weights": self.random_weights, "prompt_truncated": embeddings.truncated,
+                  "dtype": str(next(self.unet.parameters()).dtype).removeprefix("torch.")}
         if self.parts.notes:
             extras["checkpoint_notes"] = list(self.parts.notes)
         if embeddings.truncated:
@@ -283,12 +296,16 @@ def distill_to_mesh(prior, options: SDSOptions, generator: torch.Generator, devi
             yield event
 
 
+SOLID_LEVEL = 5.0  # where a 0.2-unit slab is 63 % opaque: what the renders show as solid (the first fallback)
+
+
 def export_state(state: SDSState, options: SDSOptions, extras: dict, previews: torch.Tensor | None,
                  cancel: CancelToken = NEVER) -> TextTo3DResult:
-    """Marching cubes on the field at its iso level, vertex colours; an almost empty field falls back to the
-    mesher's automatic level so an early export still shows something."""
+    """Marching cubes on the field at its iso level (the reference's 25), vertex colours. A field that has not
+    reached it yet (early exports; short runs, whose renders turn opaque long before the density gets there)
+    is meshed at :data:`SOLID_LEVEL`, then at the mesher's automatic level, and the extras say so."""
     settings = MeshSettings(resolution=options.mesh_resolution, min_part_fraction=FLOATER_FRACTION)
-    mesh, grid, note = extract_mesh_or_fallback(state.field, settings, cancel=cancel)
-    level = "automatic (the field had no surface at its level yet)" if note else float(grid.stats["level"])
-    extras = {**extras, "steps_done": state.step, "iso_level": level}
+    mesh, grid, note = extract_mesh_or_fallback(state.field, settings, cancel=cancel, fallback_levels=(SOLID_LEVEL,))
+    extras = {**extras, "steps_done": state.step, "non_finite_steps": state.skipped,
+              "iso_level": float(grid.stats["level"]), **({"iso_level_note": note} if note else {})}
     return TextTo3DResult(mesh, extras, previews, list(state.losses), state.field)
