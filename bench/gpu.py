@@ -57,7 +57,7 @@ def plan(device: str, quick: bool) -> dict:
                 "dtypes": ["float32", "float16", "bfloat16"]},
         "render": {"batch": 1 if quick else 4, "views": 2 if quick else 4, "size": 64 if quick else 256},
         "dmv3d": {"config": "tiny" if quick else "paper", "seeds": 2 if quick else 4, "steps": 2 if quick else 5,
-                  "target_steps": 30, "dtype": "bfloat16", "resolution": 64 if quick else 128},
+                  "target_steps": 30, "dtype": "bfloat16", "resolution": 64 if quick else 256},  # the app's GPU mesh
         "sds": {"tiny": quick, "steps": 1 if quick else 5,
                 "dtypes": ["bfloat16"] if quick or not cuda else ["float16", "bfloat16"]},
     }
@@ -66,18 +66,22 @@ def plan(device: str, quick: bool) -> dict:
 # ---- LRM in three precisions ------------------------------------------------------------------------------------
 
 def surface_distance(vertices: "np.ndarray", reference: "np.ndarray", resolution: int) -> dict:
-    """How far each vertex lies from the reference surface's nearest vertex, in voxels (mean, p95, max)."""
+    """How far the two surfaces lie apart, both ways (each vertex to the other mesh's nearest vertex, so a
+    missing part counts too), in voxels: mean, p95, max."""
     import numpy as np
     from scipy.spatial import cKDTree
 
-    distance = cKDTree(reference).query(vertices)[0] / (2.0 / (resolution - 1))
+    distance = np.concatenate([cKDTree(reference).query(vertices)[0], cKDTree(vertices).query(reference)[0]])
+    distance = distance / (2.0 / (resolution - 1))
     return {"mean": float(distance.mean()), "p95": float(np.percentile(distance, 95)), "max": float(distance.max())}
 
 
 def lrm_precisions(device: torch.device, spec: dict) -> list[dict]:
     """Image -> GLB in each dtype on the same random model; the half-precision meshes at float32's level."""
+    import tempfile
+
     cfg, _ = lrm_bench.load_config(spec["size"])
-    records, reference, level = [], None, None
+    records, reference, level, folder = [], None, None, Path(tempfile.mkdtemp(prefix="recon3d-gpu-bench-"))
     for dtype in spec["dtypes"]:
         record = {"dtype": dtype, "size": spec["size"], "resolution": spec["resolution"]}
         try:
@@ -89,6 +93,7 @@ def lrm_precisions(device: torch.device, spec: dict) -> list[dict]:
             synchronize(device)
             start = time.perf_counter()
             result = run_to_end(pipe.run(DUCK, options))
+            result.save_glb(folder / f"{dtype}.glb")  # image -> GLB: the write is part of the job
             synchronize(device)
             record.update(status="ok", seconds=dict(result.timings, total=time.perf_counter() - start),
                           faces=len(result.mesh.faces), level=float(result.stats["level"]))
@@ -98,6 +103,8 @@ def lrm_precisions(device: torch.device, spec: dict) -> list[dict]:
                 record["surface_voxels"] = surface_distance(result.mesh.vertices, reference, spec["resolution"])
         except lrm_bench.OOM_ERRORS + (lrm_bench.EmptyMeshError,) as error:
             record.update(status=lrm_bench._status(error), error=str(error))
+        except Exception as error:  # recorded, so the other parts still run and the report is written
+            record.update(status="failed", error=f"{type(error).__name__}: {error}")
         records.append(record)
         lrm_bench._free(device)
         print(f"  LRM {spec['size']} {dtype} {spec['resolution']}^3: {brief(record)}", flush=True)
@@ -117,8 +124,19 @@ def seed_in_batch(device: torch.device, spec: dict) -> dict:
     batch = run_to_end(sampler.run(DUCK, SampleOptions(seeds=[0, 1, 2, 3], batch_size=4, **common)))[1]
     difference = float((alone.planes - batch.planes).abs().max())
     scale = float(alone.planes.abs().max())
-    return {"config": spec["config"], "dtype": spec["dtype"], "max_abs_difference": difference,
+    del sampler
+    lrm_bench._free(device)
+    return {"config": spec["config"], "dtype": spec["dtype"], "status": "ok", "max_abs_difference": difference,
             "relative_difference": difference / max(scale, 1e-12)}
+
+
+def guarded(part, *args) -> dict:
+    """``part(*args)``, or a record of its failure: one broken part must not cost the report of the others."""
+    try:
+        return part(*args)
+    except Exception as error:
+        print(f"  failed: {type(error).__name__}: {error}", flush=True)
+        return {"status": "failed", "error": f"{type(error).__name__}: {error}"}
 
 
 # ---- the whole run ----------------------------------------------------------------------------------------------
@@ -142,9 +160,9 @@ def run(device: str, quick: bool, threads: int | None) -> dict:
          "steps": spec["steps"], "target_steps": spec["target_steps"], "resolution": spec["resolution"],
          "demo_checkpoint": str(lrm_bench.REPO / "assets" / "checkpoints" / "dmv3d-demo"), "threads": threads})
     print(f"  {spec['seeds']} seeds: {brief(report['dmv3d'])}", flush=True)
-    report["seed_in_batch"] = seed_in_batch(torch_device, spec)
+    report["seed_in_batch"] = guarded(seed_in_batch, torch_device, spec)
     print("MVDream SDS", flush=True)
-    report["sds"] = sds_phases(device, steps["sds"], threads)
+    report["sds"] = guarded(sds_phases, device, steps["sds"], threads)
     report["zero123plus_instantmesh"] = {"status": "not built yet"}
     report["seconds"] = time.perf_counter() - started
     report["verdicts"] = verdicts(report)
@@ -187,8 +205,10 @@ def verdicts(report: dict) -> list[dict]:
     full = not report["quick"] and report["device"] != "cpu"
     rows = []
 
-    def row(check: str, measured, target: str, met: bool | None) -> None:
-        if target == FIGURE:
+    def row(check: str, measured, target: str, met: bool | None, failed: bool = False) -> None:
+        if failed:
+            verdict = "FAILED"
+        elif target == FIGURE:
             verdict = FIGURE
         elif met is not None and not full:
             verdict = "not judged (quick or CPU run)"
@@ -199,26 +219,32 @@ def verdicts(report: dict) -> list[dict]:
     for record in report["lrm"]:
         ok = record["status"] == "ok"
         seconds = record["seconds"]["total"] if ok else record["status"]
-        row(f"LRM {record['size']} {record['resolution']}^3 {record['dtype']} seconds", seconds,
-            f"< {TARGETS['lrm_seconds']:g} s", ok and seconds < TARGETS["lrm_seconds"] if ok else None)
+        row(f"LRM {record['size']} {record['resolution']}^3 {record['dtype']} image -> GLB seconds", seconds,
+            f"< {TARGETS['lrm_seconds']:g} s", seconds < TARGETS["lrm_seconds"] if ok else None, failed=not ok)
         if "surface_voxels" in record:
             p95 = record["surface_voxels"]["p95"]
             row(f"LRM {record['dtype']} surface vs float32 (p95 voxels)", p95, f"<= {TARGETS['surface_voxels']:g}",
                 p95 <= TARGETS["surface_voxels"])
     for record in report["render"]:
         row(f"renderer {record.get('batch')}x{record.get('views')} {record.get('size')} px {record.get('mode')} rays/s",
-            record.get("rays_per_second", record.get("status")), FIGURE, None)
+            record.get("rays_per_second", record.get("status")), FIGURE, None, failed=record.get("status") != "ok")
     dmv3d = report["dmv3d"]
     seconds = dmv3d.get("seconds_at_target_steps", dmv3d.get("status"))
+    ok = dmv3d.get("status") == "ok"
     row(f"DMV3D {dmv3d['config']} {dmv3d['seeds']} seeds {dmv3d['dtype']} seconds (30 steps)", seconds,
-        f"< {TARGETS['dmv3d_4_seeds_seconds']:g} s",
-        seconds < TARGETS["dmv3d_4_seeds_seconds"] if isinstance(seconds, float) else None)
-    relative = report["seed_in_batch"]["relative_difference"]
+        f"< {TARGETS['dmv3d_4_seeds_seconds']:g} s", seconds < TARGETS["dmv3d_4_seeds_seconds"] if ok else None,
+        failed=not ok)
+    seeds = report["seed_in_batch"]
+    relative = seeds.get("relative_difference", seeds["status"])
     row("DMV3D seed alone vs in a batch (relative)", relative, f"<= {TARGETS['seed_relative_difference']:g}",
-        relative <= TARGETS["seed_relative_difference"])
-    for dtype, projection in report["sds"]["projections"].items():
+        relative <= TARGETS["seed_relative_difference"] if seeds["status"] == "ok" else None,
+        failed=seeds["status"] != "ok")
+    sds = report["sds"]
+    if sds.get("status") == "failed":
+        row("SDS", sds["error"], "", None, failed=True)
+    for dtype, projection in sds.get("projections", {}).items():
         if projection is None:
-            row(f"SDS {dtype} fast preset", "failed", "", None)
+            row(f"SDS {dtype} fast preset", "a phase failed", "", None, failed=True)
             continue
         fast = projection["presets"]["fast"]
         interval = max(v["max"] for v in fast["preview_interval_seconds"].values())
@@ -226,7 +252,10 @@ def verdicts(report: dict) -> list[dict]:
             f"< {TARGETS['sds_fast_seconds']:g} s", fast["seconds"] < TARGETS["sds_fast_seconds"])
         row(f"SDS {dtype} largest preview interval (s)", interval, f"<= {TARGETS['preview_seconds']:g} s",
             interval <= TARGETS["preview_seconds"])
-    non_finite = {r["dtype"]: len(r.get("non_finite", [])) for r in report["sds"]["runs"] if r.get("status") == "ok"}
+    non_finite: dict[str, int] = {}
+    for r in sds.get("runs", []):  # both phases of each dtype
+        if r.get("status") == "ok":
+            non_finite[r["dtype"]] = non_finite.get(r["dtype"], 0) + len(r.get("non_finite", []))
     for dtype, count in non_finite.items():
         row(f"SDS {dtype} non-finite steps seen", count, "0", count == 0)
     row("Zero123++ with InstantMesh", "not built yet", "", None)

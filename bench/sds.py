@@ -366,8 +366,8 @@ def main(argv: list[str] | None = None) -> dict | None:
           f"{256} px, UNet batch 2B; peak MiB: CUDA max allocated, or CPU peak RSS of the process, weights included; "
           f"+MiB: over the start of the timed steps; preview: four {options.preview_size} px views)")
     print(phase_table(records))
-    print(f"\nProjected run time (steps x s/step + preview renders, one at least every {options.preview_seconds:g} s; "
-          f"without model loading and the mesh export)")
+    print(f"\nProjected run time (steps x s/step + preview renders, every {options.preview_every} steps, at most one "
+          f"per {options.preview_seconds:g} s; without model loading and the mesh export)")
     print(projection_table(projections))
     report = {"machine": info, "args": vars(args), "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
               "networks": networks, "runs": records, "projections": projections}

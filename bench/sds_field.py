@@ -186,7 +186,7 @@ def parameter_count(module: torch.nn.Module) -> int:
 
 def make_field(spec: dict, generator: torch.Generator) -> torch.nn.Module:
     if spec["kind"] == "triplane":
-        return NeuralTriplaneField(generator, spec["resolution"], spec["channels"])
+        return NeuralTriplaneField(generator, spec["resolution"], spec["channels"], iso_level=ISO_LEVEL)
     return DenseGridField(generator, spec["resolution"])
 
 

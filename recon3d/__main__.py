@@ -339,7 +339,8 @@ def add_text_command(text: argparse.ArgumentParser) -> None:
 
     default = MVDREAM_CHECKPOINTS[0].repo_id
     text.add_argument("prompt", help="one object, e.g. 'a wooden rocking chair'")
-    text.add_argument("--negative", default="", help="negative prompt")
+    text.add_argument("--negative", default=None,
+                      help="negative prompt (default: MVDream-threestudio's reference one; '' for none)")
     presets = "; ".join(f"{name}: {text}" for name, text in PRESET_DESCRIPTIONS.items())
     text.add_argument("--preset", choices=TextTo3DOptions.PRESET_CHOICES, default=None,
                       help=f"{presets} (default: {TextTo3DOptions.preset}, or custom when --steps is given)")
@@ -401,8 +402,8 @@ def run_text(args: argparse.Namespace) -> int:
     preset = args.preset or (CUSTOM if args.steps is not None else TextTo3DOptions.preset)
     try:
         prompt = check_prompt(args.prompt)
-        options = TextTo3DOptions(preset=preset, steps=args.steps, negative_prompt=args.negative,
-                                  **given(seed=args.seed, guidance_scale=args.guidance)).validate()
+        options = TextTo3DOptions(preset=preset, steps=args.steps, **given(
+            seed=args.seed, guidance_scale=args.guidance, negative_prompt=args.negative)).validate()
         pipe = load_text_pipeline(args)
     except Exception as exc:
         say(refused(exc, also=SETUP_ERRORS))

@@ -209,4 +209,6 @@ def test_cli_text_steps_alone_mean_custom_and_the_recipe_is_the_librarys(monkeyp
     assert cli.main(["text", "a cup", "--steps", "7", "--seed", "3", "-o", str(tmp_path)]) == 0
     assert (seen[0].preset, seen[0].steps, seen[0].seed, seen[0].label) == ("custom", 7, 3, "custom")
     assert seen[0].guidance_scale == 50.0  # the library's default, not restated by the CLI
-    assert cli.main(["text", "a cup", "-o", str(tmp_path)]) == 0 and seen[1].label == "fast"
+    assert seen[0].negative_prompt.startswith("ugly, bad anatomy")  # the reference's negative prompt by default
+    assert cli.main(["text", "a cup", "-o", str(tmp_path), "--negative", ""]) == 0 and seen[1].label == "fast"
+    assert seen[1].negative_prompt == ""  # cleared on request

@@ -261,6 +261,7 @@ def test_views_grid_puts_samples_in_rows_and_views_in_columns():
     assert (grid[8:, 16:] == [255, 0, 0]).all() and (grid[:8] == 255).all() and (grid[8:, :16] == 255).all()
 
 
+@pytest.mark.slow
 def test_the_shipped_demo_model_beats_the_mean_shape_baseline_on_unseen_objects(tmp_path):
     """A small version of bench/dmv3d.py's quality run: objects of another seed than the training set's."""
     import importlib.util

@@ -7,9 +7,8 @@ import sys
 import pytest
 from conftest import ROOT
 
-pytestmark = pytest.mark.slow
 
-
+@pytest.mark.slow
 def test_the_gpu_acceptance_command_runs_every_path_on_a_cpu(tmp_path):
     out = tmp_path / "gpu-cpu-quick.json"
     done = subprocess.run([sys.executable, str(ROOT / "bench" / "gpu.py"), "--device", "cpu", "--quick", "--json",
@@ -32,3 +31,42 @@ def test_the_gpu_acceptance_command_runs_every_path_on_a_cpu(tmp_path):
     assert any(c.startswith("SDS bfloat16 fast preset") for c in checks) and "Zero123++ with InstantMesh" in checks
     assert {row["verdict"] for row in report["verdicts"]} == {"not judged (quick or CPU run)", "not measured", "figure only"}
     assert "verdict" in done.stdout and "SDS bfloat16 non-finite steps seen" in done.stdout
+
+
+def gpu_module():
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("gpu_bench", ROOT / "bench" / "gpu.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_verdicts_of_a_full_gpu_run_judge_each_target_and_flag_failures():
+    gpu = gpu_module()
+    lrm = [{"dtype": "float32", "size": "base", "resolution": 256, "status": "ok", "seconds": {"total": 0.8}},
+           {"dtype": "float16", "size": "base", "resolution": 256, "status": "ok", "seconds": {"total": 1.4},
+            "surface_voxels": {"p95": 0.3}},
+           {"dtype": "bfloat16", "size": "base", "resolution": 256, "status": "OOM", "error": "out of memory"}]
+    interval = {256: {"mean": 2.0, "max": 6.0}, 64: {"mean": 1.0, "max": 2.0}}
+    report = {"quick": False, "device": "cuda", "lrm": lrm,
+              "render": [{"status": "ok", "batch": 4, "views": 4, "size": 256, "mode": "forward", "rays_per_second": 1e7}],
+              "dmv3d": {"status": "ok", "config": "paper", "seeds": 4, "dtype": "bfloat16", "seconds_at_target_steps": 12.0},
+              "seed_in_batch": {"status": "failed", "error": "RuntimeError: boom"},
+              "sds": {"runs": [{"dtype": "float16", "status": "ok", "non_finite": [3]},
+                               {"dtype": "float16", "status": "ok", "non_finite": [7, 9]}],
+                      "projections": {"float16": {"presets": {"fast": {"seconds": 250.0,
+                                                                        "preview_interval_seconds": interval}}}}}}
+    verdict = {row["check"]: row["verdict"] for row in gpu.verdicts(report)}
+    assert verdict["LRM base 256^3 float32 image -> GLB seconds"] == "met"
+    assert verdict["LRM base 256^3 float16 image -> GLB seconds"] == "MISSED"
+    assert verdict["LRM float16 surface vs float32 (p95 voxels)"] == "met"
+    assert verdict["LRM base 256^3 bfloat16 image -> GLB seconds"] == "FAILED"
+    assert verdict["DMV3D paper 4 seeds bfloat16 seconds (30 steps)"] == "met"
+    assert verdict["DMV3D seed alone vs in a batch (relative)"] == "FAILED"
+    assert verdict["SDS float16 fast preset projected seconds"] == "met"
+    assert verdict["SDS float16 largest preview interval (s)"] == "MISSED"  # 6 s > 5 s
+    rows = {row["check"]: row for row in gpu.verdicts(report)}
+    assert rows["SDS float16 non-finite steps seen"]["measured"] == 3  # both phases counted
+    assert verdict["SDS float16 non-finite steps seen"] == "MISSED"
+    assert verdict["Zero123++ with InstantMesh"] == "not measured"

@@ -85,7 +85,7 @@ def test_tiny_random_mvdream_runs_sds_and_writes_a_glb(tiny_pipe, tmp_path):
 
 def test_same_seed_same_run_different_seed_differs(tiny_pipe):
     def losses(seed):
-        return run_to_end(tiny_pipe.generate("a cup", TextTo3DOptions(seed=seed, base=replace(TINY, steps=2)))).losses
+        return run_to_end(tiny_pipe.generate("a cup", TextTo3DOptions(seed=seed, base=replace(TINY, steps=1)))).losses
 
     assert losses(1) == losses(1)
     assert losses(1) != losses(2)
@@ -176,8 +176,13 @@ def test_a_run_of_non_finite_steps_stops_and_keeps_the_last_good_state():
     _, two_good = run_sds(NaNAt(), options, stop_after=2)
     for kept, good in zip(parameters(outcome.state), parameters(two_good.state)):
         assert torch.equal(kept, good)
+    from recon3d.pipelines.text_to_3d import export_state
+
+    extras = export_state(outcome.state, options, {}, None).extras
+    assert (extras["steps_done"], extras["non_finite_steps"]) == (2, 3)  # the GLB is the state of step 2
 
 
+@pytest.mark.slow
 def test_bfloat16_mvdream_runs_every_step_with_the_reference_negative_prompt(tmp_path):
     """The UNet in bfloat16, the VAE (differentiated through) in float32: every step of a tiny run completes."""
     from recon3d.pipelines.text_to_3d import REFERENCE_NEGATIVE_PROMPT
@@ -383,6 +388,9 @@ def test_the_reference_defaults():
     assert (look.guidance_scale, look.azimuth_start_deg, look.elevation_deg, look.negative_prompt) == (10.0, 90.0, 15.0, "")
     with pytest.raises(ValueError, match="views must be 4: MVDream denoises groups of 4 views"):
         SDSOptions(views=3)
+    for bad in ({"preview_every": 0}, {"max_skipped_in_a_row": 0}):
+        with pytest.raises(ValueError, match="must be at least 1"):
+            SDSOptions(**bad)
     assert NeuralTriplaneField(torch.Generator().manual_seed(0), 32, 8).iso_level == 25.0
     state = new_state(TINY, torch.Generator().manual_seed(0), "cpu")
     result = export_state(state, TINY, {}, None)  # the start blob peaks near 10: no surface at 25 yet
@@ -401,6 +409,9 @@ def test_timesteps_include_the_upper_end_and_half_the_elevations_are_uniform_on_
                                       generator)
         seen.add(t)
     assert seen == {500, 501, 502}  # [min, max], the reference's inclusive range
+    top = {x0_reconstruction_loss(prior, torch.zeros(4, 4, 2, 2), (0.998, 1.0), c2w, intrinsics, SDSOptions(),
+                                  generator)[1] for _ in range(30)}
+    assert top == {998, 999}  # a range ending at 1.0 ends at the last timestep
     g = torch.Generator().manual_seed(1)
     sphere = sample_orbit_cameras(2000, 4, g, (0.0, 30.0), elevation_on_sphere=True).elevation_deg[:, 0]
     degrees = sample_orbit_cameras(2000, 4, g, (0.0, 30.0)).elevation_deg[:, 0]

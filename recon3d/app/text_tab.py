@@ -20,8 +20,8 @@ from .common import GPU_QUEUE, SWITCHES, checked, job_result, viewer, visitor_id
 def intro(service: ModelService) -> str:
     """What the tab does and how often this server shows progress (from the recipe it runs on its device)."""
     recipe = TextTo3DOptions().recipe(service.device)
-    cadence = ("after every step" if recipe.preview_every == 1 else
-               f"every {recipe.preview_every} steps (at most one per {recipe.preview_seconds:g} s)")
+    every = "every step" if recipe.preview_every == 1 else f"every {recipe.preview_every} steps"
+    cadence = f"after {every} (at most one per {recipe.preview_seconds:g} s)"
     return ("MVDream (Shi et al., ICLR 2024) score distillation: a 3D field is optimised until four views of it, 90 "
             "degrees apart, look like what the multi-view diffusion prior expects for your prompt. On this server "
             f"the preview refreshes {cadence}. **Export now** writes a GLB of the current state (the optimisation "

@@ -215,6 +215,7 @@ class MVDreamParts:
     source: str
     unet_config: MultiViewUNetConfig = field(default_factory=MultiViewUNetConfig)
     notes: list[str] = field(default_factory=list)  # what the user should know (e.g. a part taken elsewhere)
+    encoder_size: int = 256  # renders are resized to this before the VAE encoder (MVDream's 256 px)
 
     def to(self, device: torch.device | str, dtype: torch.dtype) -> "MVDreamParts":
         """The UNet and text encoder in ``dtype``; the VAE always in float32: score distillation differentiates
@@ -381,5 +382,7 @@ def random_parts(seed: int = 0, unet_config: MultiViewUNetConfig = TINY_UNET_CON
     with init_empty_weights():
         text_encoder = CLIPTextModel(text_config)
     text_encoder = randomize_(text_encoder, generator)
+    # the tiny VAE encodes 64 px (its latents 8 x 8, as the tiny UNet's 32 px config): tests stay fast
+    encoder_size = 64 if unet_config == TINY_UNET_CONFIG else 256
     return MVDreamParts(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, DDIMScheduler(**SD_SCHEDULER_CONFIG),
-                        f"random weights (seed {seed})", unet_config)
+                        f"random weights (seed {seed})", unet_config, encoder_size=encoder_size)

@@ -94,6 +94,8 @@ class SDSOptions:
 
     def __post_init__(self) -> None:
         check_limits(self)
+        if self.max_skipped_in_a_row < 1 or self.preview_every < 1:
+            raise ValueError("max_skipped_in_a_row and preview_every must be at least 1")
         if self.views != 4:
             raise ValueError(f"views must be 4: MVDream denoises groups of 4 views (got {self.views})")
 
@@ -178,7 +180,8 @@ def x0_reconstruction_loss(prior: MultiViewPrior, latents: torch.Tensor, t_fract
     """MVDream's SDS loss for latents (B, ...) of renders from cameras (B, 4, 4), (B, 4), and the t it drew."""
     steps = prior.alphas_cumprod.shape[0]
     low, high = int(t_fraction[0] * steps), int(t_fraction[1] * steps)
-    t = randint(low, high + 1, generator)  # one t for the whole batch, in [low, high] as the reference draws it
+    high = min(high, steps - 1)  # (a range ending at 1.0 ends at the last timestep)
+    t = randint(min(low, high), high + 1, generator)  # one t for the whole batch, in [low, high] as the reference
     noise = randn_tensor(latents.shape, generator, latents.device)
     abar = prior.alphas_cumprod[t].to(latents.device, torch.float32)
     with torch.no_grad():

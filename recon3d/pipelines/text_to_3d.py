@@ -124,10 +124,9 @@ class MVDreamPrior:
     flows into it); the VAE is float32 (see ``MVDreamParts.to``), so the gradient from the latents back through
     the encoder to the renders is float32 and needs no loss scaling. Hands float32 back."""
 
-    encoder_size = 256
-
     def __init__(self, parts: MVDreamParts, prompt: PromptEmbeddings):
         self.parts, self.prompt = parts, prompt
+        self.encoder_size = parts.encoder_size  # renders are resized to this before encoding
         self.alphas_cumprod = parts.scheduler.alphas_cumprod.float()
 
     @property
@@ -256,8 +255,8 @@ class TextTo3D:
                  cancel: CancelToken = NEVER, source: str | None = None) -> Iterator[Event]:
         """SDS from text: the events of :func:`~recon3d.pipelines.sds.optimise` (each export request becomes an
         :class:`Exported` mesh), then :class:`Finished` with the :class:`TextTo3DResult` of the state reached
-        (all steps, Stop, or the last good step before a NaN loss). The recipe is ``options.recipe`` on this
-        pipeline's device; the GLB extras are written from the options."""
+        (all steps, Stop, or the last good step before a run of non-finite steps). The recipe is
+        ``options.recipe`` on this pipeline's device; the GLB extras are written from the options."""
         prompt, options = check_prompt(prompt), (options or TextTo3DOptions()).validate()
         recipe = options.recipe(self.device)
         embeddings = self.encode_prompt(prompt, options.negative_prompt)
@@ -306,6 +305,7 @@ def export_state(state: SDSState, options: SDSOptions, extras: dict, previews: t
     is meshed at :data:`SOLID_LEVEL`, then at the mesher's automatic level, and the extras say so."""
     settings = MeshSettings(resolution=options.mesh_resolution, min_part_fraction=FLOATER_FRACTION)
     mesh, grid, note = extract_mesh_or_fallback(state.field, settings, cancel=cancel, fallback_levels=(SOLID_LEVEL,))
-    extras = {**extras, "steps_done": state.step, "non_finite_steps": state.skipped,
+    # the state is that of the last step that updated it: a closing run of skipped steps did not
+    extras = {**extras, "steps_done": state.step - state.skipped_in_a_row, "non_finite_steps": state.skipped,
               "iso_level": float(grid.stats["level"]), **({"iso_level_note": note} if note else {})}
     return TextTo3DResult(mesh, extras, previews, list(state.losses), state.field)
