@@ -11,11 +11,12 @@ Python API::
     result.save_glb("chair.glb")
 """
 
+from .models.instant_nerf import InstantNeRF
 from .pipelines.events import run_to_end
 from .pipelines.image_to_3d import ImageTo3D, ImageTo3DOptions, ImageTo3DResult
 from .pipelines.sample_3d import Sample3D, SampleOptions
 from .pipelines.text_to_3d import QuickLookOptions, TextTo3D, TextTo3DOptions, TextTo3DResult
 
-__all__ = ["ImageTo3D", "ImageTo3DOptions", "ImageTo3DResult", "QuickLookOptions", "Sample3D", "SampleOptions",
+__all__ = ["ImageTo3D", "ImageTo3DOptions", "ImageTo3DResult", "InstantNeRF", "QuickLookOptions", "Sample3D", "SampleOptions",
            "TextTo3D", "TextTo3DOptions", "TextTo3DResult", "run_to_end"]
 __version__ = "0.1.0"

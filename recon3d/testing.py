@@ -58,3 +58,19 @@ def _write_tokenizer(tokenizer, folder: Path) -> None:
     (folder / "merges.txt").write_text("\n".join(["#version: 0.2", *lines]) + "\n")
     special = {k: getattr(tokenizer, k) for k in ("bos_token", "eos_token", "unk_token", "pad_token")}
     (folder / "special_tokens_map.json").write_text(json.dumps(special))
+
+
+def write_instant_nerf_checkpoint(model, path: str | Path, training_extras: int = 2) -> Path:
+    """Save an :class:`~recon3d.models.instant_nerf.InstantNeRF` as InstantMesh publishes its NeRF checkpoints: a
+    torch pickle ``{'state_dict': {'lrm_generator.<name>': tensor, ...}}`` plus ``training_extras`` entries
+    that are not the model's (the published files carry e.g. ``lpips.*``)."""
+    import torch
+
+    from .models.instant_nerf import STATE_DICT_PREFIX
+
+    state = {STATE_DICT_PREFIX + k: v.detach().contiguous() for k, v in model.state_dict().items()}
+    state.update({f"lpips.net.slice{i}.weight": torch.zeros(2, 2) for i in range(training_extras)})
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({"state_dict": state}, path)
+    return path

@@ -96,17 +96,21 @@ class ConditionedBlock(nn.Module):
 
     LRM conditions on the camera; DMV3D (``gated=True``) on the diffusion time, adaLN-Zero style: each branch is
     also scaled by a gate computed from the condition, and :meth:`zero_init_modulation` makes the block start as
-    the identity. Without gates the parameters are exactly OpenLRM's.
+    the identity. Without gates the parameters are exactly OpenLRM's. With ``cond_dim=None`` the norms are plain
+    LayerNorms (eps 1e-5) and the block takes no condition: InstantMesh's layout, whose camera enters the encoder.
     """
 
-    def __init__(self, dim: int, heads: int, cond_dim: int, context_dim: int, gated: bool = False):
+    def __init__(self, dim: int, heads: int, cond_dim: int | None, context_dim: int, gated: bool = False):
         super().__init__()
-        self.norm1 = ModLN(dim, cond_dim)
+        def norm() -> nn.Module:
+            return nn.LayerNorm(dim) if cond_dim is None else ModLN(dim, cond_dim)
+
+        self.norm1 = norm()
         self.cross_attn = nn.MultiheadAttention(dim, heads, bias=False, batch_first=True,
                                                 kdim=context_dim, vdim=context_dim)
-        self.norm2 = ModLN(dim, cond_dim)
+        self.norm2 = norm()
         self.self_attn = nn.MultiheadAttention(dim, heads, bias=False, batch_first=True)
-        self.norm3 = ModLN(dim, cond_dim)
+        self.norm3 = norm()
         self.mlp = nn.Sequential(nn.Linear(dim, 4 * dim), nn.GELU(), nn.Dropout(0.0), nn.Linear(4 * dim, dim))
         self.gates = nn.Sequential(nn.SiLU(), nn.Linear(cond_dim, 3 * dim)) if gated else None
 
@@ -116,27 +120,33 @@ class ConditionedBlock(nn.Module):
             nn.init.zeros_(layer.weight)
             nn.init.zeros_(layer.bias)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         if self.gates is None:
             g1 = g2 = g3 = 1.0
         else:
             g1, g2, g3 = self.gates(cond).unsqueeze(1).chunk(3, dim=-1)  # (N, 1, D) each
-        h = self.norm1(x, cond)
+        h = self._norm(self.norm1, x, cond)
         x = x + g1 * self.cross_attn(h, context, context, need_weights=False)[0]
-        h = self.norm2(x, cond)
+        h = self._norm(self.norm2, x, cond)
         x = x + g2 * self.self_attn(h, h, h, need_weights=False)[0]
-        return x + g3 * self.mlp(self.norm3(x, cond))
+        return x + g3 * self.mlp(self._norm(self.norm3, x, cond))
+
+    @staticmethod
+    def _norm(norm: nn.Module, x: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
+        return norm(x) if isinstance(norm, nn.LayerNorm) else norm(x, cond)
 
 
 class TriplaneTransformer(nn.Module):
-    """Triplane tokens attend to context tokens and to each other, modulated by a condition, then a LayerNorm."""
+    """Triplane tokens attend to context tokens and to each other, modulated by a condition (or not: ``cond_dim``
+    None), then a LayerNorm (eps 1e-6)."""
 
-    def __init__(self, dim: int, layers: int, heads: int, cond_dim: int, context_dim: int, gated: bool = False):
+    def __init__(self, dim: int, layers: int, heads: int, cond_dim: int | None, context_dim: int,
+                 gated: bool = False):
         super().__init__()
         self.layers = nn.ModuleList(ConditionedBlock(dim, heads, cond_dim, context_dim, gated) for _ in range(layers))
         self.norm = nn.LayerNorm(dim, eps=1e-6)
 
-    def forward(self, x: torch.Tensor, context: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: torch.Tensor, cond: torch.Tensor | None) -> torch.Tensor:
         for layer in self.layers:
             x = layer(x, context, cond)
         return self.norm(x)
