@@ -111,13 +111,14 @@ def device_and_dtype(args: argparse.Namespace):
         raise ValueError(f"unknown device {args.device!r} ({exc})") from None
 
 
-def offline_mode(args: argparse.Namespace) -> bool | None:
-    """--offline, or offline when the Hub cannot be reached (decided once: no retries per file)."""
+def offline_mode(args: argparse.Namespace, checkpoint: str | None = None) -> bool | None:
+    """--offline, or offline when the Hub cannot be reached (decided once: no retries per file) and
+    ``checkpoint`` (default --model) is not a local path."""
     from .hub import hub_reachable
 
     if args.offline:
         return True
-    if not Path(args.model).exists() and not hub_reachable():
+    if not Path(checkpoint or args.model).exists() and not hub_reachable():
         return True
     return None
 
@@ -213,23 +214,68 @@ def write_outputs(result, stem: Path, args: argparse.Namespace, bar: Bar) -> Non
 # ---- sample -----------------------------------------------------------------------------------------------------
 
 
+SAMPLE_METHODS = ("dmv3d", "instantmesh")
+
+
 def add_sample_command(command: argparse.ArgumentParser) -> None:
+    from .models.zero123plus import INSTANTMESH_UNET, ZERO123PLUS_REPO
+    from .pipelines.multiview_sample import INSTANT_NERF_LARGE, MultiViewOptions
     from .pipelines.sample_3d import DEFAULT_COUNT, SampleOptions
 
     seeds = ",".join(str(seed) for seed in range(DEFAULT_COUNT))
     command.add_argument("image", type=Path, help="a PNG, JPEG or WebP file")
+    command.add_argument("--method", choices=SAMPLE_METHODS, default="dmv3d",
+                         help="dmv3d: recon3d's own model (trained on procedural shapes); instantmesh: Zero123++ v1.2 "
+                              "views reconstructed by InstantMesh's NeRF (public weights, CC BY-NC 4.0)")
     command.add_argument("--seeds", default=seeds, help=f"comma-separated seeds, one sample each (default {seeds})")
-    command.add_argument("--steps", type=int, default=None, help=f"DDIM steps (default {SampleOptions.steps})")
-    add_model_options(command, DEMO_DMV3D_ID, "Hub repo id or checkpoint folder (default: the shipped demo model, "
-                                              "trained on procedural shapes only)")
+    command.add_argument("--steps", type=int, default=None,
+                         help=f"denoising steps (default {SampleOptions.steps} for dmv3d, {MultiViewOptions.steps} for "
+                              f"instantmesh)")
+    add_model_options(command, DEMO_DMV3D_ID, "dmv3d: Hub repo id or checkpoint folder (default: the shipped demo "
+                                              "model, trained on procedural shapes only)")
     add_image_options(command)
     command.add_argument("--comparison", action="store_true", help="also write comparison.png: every sample from 4 angles")
+    group = command.add_argument_group("instantmesh")
+    group.add_argument("--diffusion", default=ZERO123PLUS_REPO, help=f"Zero123++ repo id or folder (default {ZERO123PLUS_REPO})")
+    group.add_argument("--unet", default=INSTANTMESH_UNET,
+                       help=f"replacement UNet state dict, file or owner/repo/file (default {INSTANTMESH_UNET}, "
+                            f"white background); 'none' keeps Zero123++'s own (grey background)")
+    group.add_argument("--reconstructor", default=INSTANT_NERF_LARGE,
+                       help=f"InstantMesh NeRF checkpoint, file or owner/repo/file (default {INSTANT_NERF_LARGE})")
+    group.add_argument("--reconstructor-config", default=None,
+                       help="its InstantMesh config yaml (needed when the file name says neither base nor large)")
+    group.add_argument("--guidance", type=float, default=None, help=f"default {MultiViewOptions.guidance:g}")
+    group.add_argument("--reconstruct-at", default="", help="steps at which the reconstruction replaces x0, e.g. 20,40")
+
+
+def parse_steps(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(part) for part in text.replace(";", ",").split(",") if part.strip())
+    except ValueError:
+        raise ValueError(f"--reconstruct-at takes whole step numbers separated by commas, got {text!r}") from None
+
+
+def sample_options(args: argparse.Namespace):
+    """The method's options from the command line (the rest keep the options dataclass's defaults)."""
+    from .pipelines.multiview_sample import MultiViewOptions
+    from .pipelines.sample_3d import SampleOptions, parse_seeds
+
+    common = dict(seeds=parse_seeds(args.seeds), remove_background=not args.no_remove_background,
+                  **given(steps=args.steps, mesh_resolution=args.resolution, foreground_ratio=args.foreground_ratio))
+    if args.method == "dmv3d":
+        if args.guidance is not None or args.reconstruct_at:
+            raise ValueError("--guidance and --reconstruct-at are options of --method instantmesh")
+        return SampleOptions(**common).validate()
+    return MultiViewOptions(**common, reconstruct_at=parse_steps(args.reconstruct_at),
+                            **given(guidance=args.guidance)).validate()
 
 
 def load_sampler(args: argparse.Namespace):
     from .pipelines.sample_3d import Sample3D
 
     device, dtype = device_and_dtype(args)
+    if args.method == "instantmesh":
+        return load_multiview_sampler(args, device, dtype)
     if args.random_weights:
         from .models.dmv3d import TINY_DMV3D_CONFIG
 
@@ -238,20 +284,29 @@ def load_sampler(args: argparse.Namespace):
     shipped = args.model == DEMO_DMV3D_ID or Path(args.model).resolve() == demo_dmv3d().resolve()
     location = demo_dmv3d() if shipped else args.model
     # offline is the network's state: it also decides whether the background remover may fetch its model
-    offline = (args.offline or None) if shipped else offline_mode(args)
+    offline = (args.offline or None) if shipped else offline_mode(args, args.model)
     return Sample3D.from_pretrained(location, device=device, dtype=dtype, revision=args.revision, offline=offline,
                                     name=DEMO_DMV3D_ID if shipped else None)  # GLBs name no local path
 
 
+def load_multiview_sampler(args: argparse.Namespace, device, dtype):
+    from .pipelines.multiview_sample import MultiViewSample3D
+
+    if args.random_weights:
+        say("random weights: the samples are meaningless (a test of the path only)")
+        return MultiViewSample3D.random(device=device, dtype=dtype)
+    unet = None if str(args.unet).lower() == "none" else args.unet
+    return MultiViewSample3D.from_pretrained(args.diffusion, unet, args.reconstructor, args.reconstructor_config,
+                                             revision=args.revision, offline=offline_mode(args, args.diffusion),
+                                             device=device, dtype=dtype)
+
+
 def run_sample(args: argparse.Namespace) -> int:
-    """OUTDIR/seed-<s>.glb per seed (and comparison.png)."""
+    """OUTDIR/seed-<s>.glb per seed (with instantmesh also seed-<s>-views.png), and comparison.png."""
     from .pipelines.events import Finished, Note, SampleReady
-    from .pipelines.sample_3d import SampleOptions, comparison_grid, parse_seeds
 
     try:
-        options = SampleOptions(seeds=parse_seeds(args.seeds), remove_background=not args.no_remove_background,
-                                **given(steps=args.steps, mesh_resolution=args.resolution,
-                                        foreground_ratio=args.foreground_ratio)).validate()
+        options = sample_options(args)
         pipe = load_sampler(args)
     except Exception as exc:
         say(refused(exc, also=SETUP_ERRORS))
@@ -264,17 +319,28 @@ def run_sample(args: argparse.Namespace) -> int:
             if isinstance(event, Note):
                 bar.write(f"{args.image.name}: {event.message}", error=True)
             elif isinstance(event, SampleReady):
-                sample = event.sample
-                glb = sample.save_glb(args.output / f"seed-{sample.seed}.glb")
-                bar.write(json.dumps({"seed": sample.seed, "glb": str(glb), "faces": len(sample.mesh.faces)}))
+                write_sample(event.sample, args, bar)
             elif isinstance(event, Finished) and args.comparison and event.result:
-                comparison_grid([s.planes for s in event.result], pipe.model).save(args.output / "comparison.png")
+                pipe.comparison(event.result).save(args.output / "comparison.png")
     except Exception as exc:
         bar.write(refused(exc, f"{args.image}: refused", also=(OSError,)), error=True)
         return EXIT_REFUSED
     finally:
         bar.close()
     return 0
+
+
+def write_sample(sample, args: argparse.Namespace, bar: Bar) -> None:
+    glb = sample.save_glb(args.output / f"seed-{sample.seed}.glb")
+    line = {"seed": sample.seed, "glb": str(glb), "faces": len(sample.mesh.faces)}
+    if args.method == "instantmesh":
+        from .models.zero123plus import tile_views
+        from .images import views_grid
+
+        views = args.output / f"seed-{sample.seed}-views.png"
+        views_grid(tile_views(sample.views[None])[:, None]).save(views)  # the 3 x 2 tiling Zero123++ makes
+        line["views"] = str(views)
+    bar.write(json.dumps(line))
 
 
 # ---- train-dmv3d -----------------------------------------------------------------------------------------------

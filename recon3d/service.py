@@ -23,7 +23,7 @@ from .models.dmv3d import DEMO_CONFIG as DMV3D_DEMO_CONFIG
 from .models.lrm import PUBLISHED_CONFIGS, TINY_LRM_CONFIG
 from .pipelines.events import Event, Exported, Finished, Preview, SampleReady, Stage
 from .pipelines.image_to_3d import ImageTo3D, ImageTo3DOptions, ImageTo3DResult
-from .pipelines.sample_3d import Sample3D, SampleOptions, comparison_grid
+from .pipelines.sample_3d import Sample3D, SampleOptions
 from .pipelines.sds import SDSControl
 from .pipelines.text_to_3d import QuickLookOptions, TextTo3D, TextTo3DOptions, TextTo3DResult
 
@@ -261,7 +261,7 @@ def sample_job(service: ModelService, sessions, session: str, checkpoint: str, i
             yield event
     yield Stage(name="compare", fraction=1.0, message="Rendering the comparison")
     grid = sessions.output_path(session, "comparison", ".png")
-    comparison_grid([s.planes for s in samples], pipe.model, cancel=cancel).save(grid)
+    pipe.comparison(samples, cancel=cancel).save(grid)
     yield Finished(fraction=1.0, message=f"{len(samples)} samples", result=grid)
 
 

@@ -74,3 +74,38 @@ def write_instant_nerf_checkpoint(model, path: str | Path, training_extras: int 
     path.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"state_dict": state}, path)
     return path
+
+
+def write_zero123plus_layout(parts, folder: str | Path) -> Path:
+    """Write :class:`~recon3d.models.zero123plus.Zero123PlusParts` in ``sudo-ai/zero123plus-v1.2``'s layout:
+    model_index.json (with the ramping coefficients), unet/, vae/, text_encoder/, tokenizer/, vision_encoder/,
+    feature_extractor_clip/, feature_extractor_vae/ and scheduler/ (the published config, "linspace" as stored)."""
+    from diffusers import EulerAncestralDiscreteScheduler
+
+    from .models.zero123plus import PUBLISHED_SCHEDULER, model_index
+
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "model_index.json").write_text(json.dumps(model_index(parts.ramping), indent=2))
+    for name in ("unet", "vae", "text_encoder", "vision_encoder"):
+        getattr(parts, name).save_pretrained(str(folder / name))
+    _write_tokenizer(parts.tokenizer, folder / "tokenizer")
+    for name, processor in (("feature_extractor_clip", parts.clip_processor),
+                            ("feature_extractor_vae", parts.vae_processor)):
+        processor.save_pretrained(str(folder / name))
+        config_path = folder / name / "preprocessor_config.json"
+        config = json.loads(config_path.read_text())
+        config.update(image_processor_type="CLIPImageProcessor", feature_extractor_type="CLIPFeatureExtractor")
+        config_path.write_text(json.dumps(config, indent=2))  # the published class names
+    EulerAncestralDiscreteScheduler(**PUBLISHED_SCHEDULER).save_pretrained(str(folder / "scheduler"))
+    return folder
+
+
+def write_unet_state_dict(unet, path: str | Path) -> Path:
+    """A UNet as InstantMesh publishes its fine-tune: a plain state dict in a torch pickle."""
+    import torch
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save({k: v.detach().contiguous() for k, v in unet.state_dict().items()}, path)
+    return path

@@ -212,3 +212,42 @@ def test_cli_text_steps_alone_mean_custom_and_the_recipe_is_the_librarys(monkeyp
     assert seen[0].negative_prompt.startswith("ugly, bad anatomy")  # the reference's negative prompt by default
     assert cli.main(["text", "a cup", "-o", str(tmp_path), "--negative", ""]) == 0 and seen[1].label == "fast"
     assert seen[1].negative_prompt == ""  # cleared on request
+
+
+@pytest.mark.slow
+def test_sample_instantmesh_from_local_files_writes_glbs_views_and_refuses_bad_steps(tmp_path, capsys):
+    """The issue's command on tiny checkpoints in the published layouts: a Zero123++ folder, InstantMesh's UNet
+    state dict, an InstantNeRF .ckpt with its yaml."""
+    from PIL import Image
+
+    from recon3d import __main__ as cli
+    from recon3d.models.instant_nerf import TINY_INSTANT_NERF_CONFIG, random_instant_nerf
+    from recon3d.models.zero123plus import random_zero123plus_parts
+    from recon3d.testing import write_instant_nerf_checkpoint, write_unet_state_dict, write_zero123plus_layout
+
+    parts = random_zero123plus_parts(seed=1)
+    diffusion = write_zero123plus_layout(parts, tmp_path / "zero123plus")
+    unet = write_unet_state_dict(parts.unet, tmp_path / "instantmesh" / "diffusion_pytorch_model.bin")
+    nerf = write_instant_nerf_checkpoint(random_instant_nerf(TINY_INSTANT_NERF_CONFIG), tmp_path / "nerf.ckpt")
+    yaml = tmp_path / "instant-nerf-tiny.yaml"
+    yaml.write_text("model_config:\n  params:\n" + "".join(f"    {k}: {v}\n" for k, v in TINY_INSTANT_NERF_CONFIG.to_dict().items()))
+    photo = tmp_path / "photo.png"
+    image = Image.new("RGBA", (80, 80), (0, 0, 0, 0))
+    image.paste((40, 90, 220, 255), (20, 10, 60, 70))
+    image.save(photo)
+    out = tmp_path / "out"
+    common = ["sample", str(photo), "--method", "instantmesh", "--diffusion", str(diffusion), "--unet", str(unet),
+              "--reconstructor", str(nerf), "--reconstructor-config", str(yaml), "-o", str(out)]
+    assert cli.main([*common, "--steps", "2", "--reconstruct-at", "5"]) == 2
+    assert "reconstruction steps must be between 1 and the 2 steps" in capsys.readouterr().err.lower()
+    assert cli.main([*common, "--seeds", "1,7", "--steps", "1", "--guidance", "3", "--resolution", "64"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines() if line.startswith("{")]
+    assert [line["seed"] for line in lines] == [1, 7]
+    for seed in (1, 7):
+        glb_summary(out / f"seed-{seed}.glb")
+        assert Image.open(out / f"seed-{seed}-views.png").size == (640, 960)  # 3 rows x 2 columns of 320 px
+    import pygltflib
+
+    extras = pygltflib.GLTF2().load(str(out / "seed-7.glb")).asset.extras
+    assert extras["unet"] == str(unet) and extras["reconstructor"] == str(nerf) and extras["guidance"] == 3.0
+    assert extras["checkpoint"] == str(diffusion) and extras["random_weights"] is False

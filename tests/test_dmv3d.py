@@ -14,7 +14,7 @@ from recon3d.hub import CheckpointError
 from recon3d.models.dmv3d import (CONFIGS, DEMO_CONFIG, DMV3D, TINY_DMV3D_CONFIG, DMV3DConfig, align_to_first_view,
                                   canonical_views, new_dmv3d)
 from recon3d.pipelines.events import Finished, Preview, SampleReady
-from recon3d.pipelines.sample_3d import Sample3D, SampleOptions, comparison_grid, parse_seeds
+from recon3d.pipelines.sample_3d import Sample3D, SampleOptions, parse_seeds
 from recon3d.testing import place_in_hub_cache
 
 from conftest import ROOT, glb_summary
@@ -175,7 +175,7 @@ def test_sampler_streams_previews_keeps_the_condition_clean_and_exports_each_sam
     assert extras["method"] == "DMV3D" and extras["seed"] == 2 and extras["steps"] == 4
     assert (extras["foreground_ratio"], extras["mesh_resolution"], extras["dtype"]) == (0.8, 64, "float32")
     assert extras["checkpoint"] == "tiny test model" and extras["recon3d_version"]
-    grid = comparison_grid([s.planes for s in samples], sampler.model, size=24)
+    grid = sampler.comparison(samples, size=24)
     assert grid.size == (4 * 24, 2 * 24)
 
 

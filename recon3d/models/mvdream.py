@@ -230,7 +230,7 @@ def _first_file(folder, names: tuple[str, ...]):
     return next(folder / name for name in names if (folder / name).is_file())
 
 
-def _load_stock(cls, folder, source: str, what: str):
+def load_stock(cls, folder, source: str, what: str):
     """A stock diffusers/transformers model from a local subfolder, strictly: missing, unexpected or mis-shaped
     weights are refused with a report."""
     try:
@@ -250,7 +250,7 @@ def load_text_parts(root, source: str) -> tuple[torch.nn.Module, object, object]
     from diffusers import DDIMScheduler
     from transformers import CLIPTextModel, CLIPTokenizer
 
-    text_encoder = _load_stock(CLIPTextModel, root / "text_encoder", source, "text encoder")
+    text_encoder = load_stock(CLIPTextModel, root / "text_encoder", source, "text encoder")
     try:
         tokenizer = CLIPTokenizer.from_pretrained(str(root / "tokenizer"))
         scheduler = DDIMScheduler.from_pretrained(str(root / "scheduler"))
@@ -269,7 +269,7 @@ def load_diffusers_layout(root, source: str, num_views: int = NUM_VIEWS) -> MVDr
     config = MultiViewUNetConfig.from_dict(read_json(root / "unet" / "config.json", source), source)
     published = read_state_dict(_first_file(root, DIFFUSERS_LAYOUT[2]))
     unet = load_unet(config, published, source, num_views)
-    vae = _load_stock(AutoencoderKL, root / "vae", source, "VAE")
+    vae = load_stock(AutoencoderKL, root / "vae", source, "VAE")
     return MVDreamParts(unet, vae, *load_text_parts(root, source), source, config)
 
 

@@ -22,7 +22,8 @@ from ..mesh import FLOATER_FRACTION, RESOLUTION, Mesh, MeshSettings, default_res
 from ..models.dmv3d import DMV3D, DMV3DConfig, canonical_views, new_dmv3d
 from ..noise import SEED, randn_tensor, seeded
 from ..options import DENOISING_STEPS, Limit, Options, limited
-from ..render import render_orbit
+from ..field import Field
+from ..render import RenderSettings, render_orbit
 from .events import Event, Finished, Note, Preview, SampleReady, Stage, run_to_end
 from .progress import check_before_each
 
@@ -218,6 +219,13 @@ class Sample3D:
         mesh, _, note = extract_mesh_or_fallback(self.model.field(planes), settings, cancel=cancel)
         return mesh, note
 
+    def comparison(self, samples: list[Sample], size: int = 96, cancel: CancelToken = NEVER) -> Image.Image:
+        """The samples side by side from the same four angles (:func:`comparison_grid`)."""
+        cfg = self.model.config
+        planes = torch.cat([s.planes for s in samples]).to(self.device, self.dtype)
+        return comparison_grid(self.model.field(planes), cfg.camera_distance, cfg.fov_deg, cfg.render_settings(), size,
+                               cancel=cancel)
+
     def metadata(self, seed: int, options: SampleOptions) -> dict:
         """Everything that decides the sample, so the same settings make it again."""
         from .. import __version__
@@ -232,13 +240,14 @@ def _seed_list(seeds: list[int]) -> str:
     return ", ".join(str(s) for s in seeds)
 
 
-def comparison_grid(planes: list[torch.Tensor], model: DMV3D, angles_deg=(0.0, 90.0, 180.0, 270.0),
-                    size: int = 96, elevation_deg: float = 20.0, cancel: CancelToken = NEVER) -> Image.Image:
-    """Samples' planes (each (1, 3, C, H, W)) rendered from the same angles: one row per sample, one column per
+COMPARISON_ANGLES = (0.0, 90.0, 180.0, 270.0)
+
+
+def comparison_grid(field: Field, distance: float, fov_deg: float, settings: RenderSettings, size: int = 96,
+                    elevation_deg: float = 20.0, angles_deg=COMPARISON_ANGLES, cancel: CancelToken = NEVER) -> Image.Image:
+    """Every object of ``field`` (one per sample) rendered from the same angles: one row per sample, one column per
     angle, on white, so samples compare at a glance."""
-    stacked = torch.cat(list(planes)).to(model.plane_tokens.device, model.plane_tokens.dtype)
-    rgb = render_orbit(model.field(stacked), angles_deg, elevation_deg, model.config.camera_distance,
-                       model.config.fov_deg, size, model.config.render_settings(), cancel)  # (N, A, S, S, 3)
+    rgb = render_orbit(field, angles_deg, elevation_deg, distance, fov_deg, size, settings, cancel)  # (N, A, S, S, 3)
     return views_grid(rgb.permute(0, 1, 4, 2, 3))
 
 
