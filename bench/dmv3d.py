@@ -100,7 +100,7 @@ def run_in_process(setting: dict) -> dict:
 
 
 def speed_table(records: list[dict]) -> str:
-    headers = ["config", "weights", "seeds", "steps run", "s/step", "denoise s", "mesh s", f"total s", "peak MiB"]
+    headers = ["config", "weights", "seeds", "steps run", "s/step", "denoise s", "mesh s", "total s", "peak MiB"]
     rows = []
     for r in records:
         if r["status"] != "ok":

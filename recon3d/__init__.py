@@ -1,5 +1,5 @@
-"""recon3d: a photo or a sentence -> a 3D model you can spin and download (``Sample3D`` for several samples of a
-photo, ``TextTo3D`` for sentences). Every pipeline's ``run``/``generate`` yields typed events
+"""recon3d: a photo or a sentence -> a 3D model you can spin and download (``MultiViewSample3D`` (Zero123++ ->
+InstantMesh) and ``Sample3D`` (DMV3D) for several samples of a photo, ``TextTo3D`` for sentences). Every pipeline's ``run``/``generate`` yields typed events
 (:mod:`recon3d.pipelines.events`); ``run_to_end`` drains one and returns its result.
 
 Python API::
@@ -14,9 +14,11 @@ Python API::
 from .models.instant_nerf import InstantNeRF
 from .pipelines.events import run_to_end
 from .pipelines.image_to_3d import ImageTo3D, ImageTo3DOptions, ImageTo3DResult
+from .pipelines.multiview_sample import MultiViewOptions, MultiViewSample3D
 from .pipelines.sample_3d import Sample3D, SampleOptions
 from .pipelines.text_to_3d import QuickLookOptions, TextTo3D, TextTo3DOptions, TextTo3DResult
 
-__all__ = ["ImageTo3D", "ImageTo3DOptions", "ImageTo3DResult", "InstantNeRF", "QuickLookOptions", "Sample3D", "SampleOptions",
+__all__ = ["ImageTo3D", "ImageTo3DOptions", "ImageTo3DResult", "InstantNeRF", "MultiViewOptions",
+           "MultiViewSample3D", "QuickLookOptions", "Sample3D", "SampleOptions",
            "TextTo3D", "TextTo3DOptions", "TextTo3DResult", "run_to_end"]
 __version__ = "0.1.0"

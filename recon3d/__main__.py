@@ -334,11 +334,10 @@ def write_sample(sample, args: argparse.Namespace, bar: Bar) -> None:
     glb = sample.save_glb(args.output / f"seed-{sample.seed}.glb")
     line = {"seed": sample.seed, "glb": str(glb), "faces": len(sample.mesh.faces)}
     if args.method == "instantmesh":
-        from .models.zero123plus import tile_views
-        from .images import views_grid
+        from .pipelines.multiview_sample import MultiViewSample3D
 
         views = args.output / f"seed-{sample.seed}-views.png"
-        views_grid(tile_views(sample.views[None])[:, None]).save(views)  # the 3 x 2 tiling Zero123++ makes
+        MultiViewSample3D.views_image(sample).save(views)  # the 3 x 2 tiling Zero123++ makes
         line["views"] = str(views)
     bar.write(json.dumps(line))
 

@@ -32,6 +32,14 @@ MVDREAM_CHECKPOINTS = [CheckpointInfo("ashawkey/mvdream-sd2.1-diffusers", "MVDre
                                       "CreativeML OpenRAIL-M")]
 
 
+# Zero123++ v1.2 (six views of a photo) and InstantMesh's NeRF reconstructor, used together for Stochastic samples.
+ZERO123PLUS_LICENCE = "CC BY-NC 4.0 (non-commercial use only)"
+INSTANTMESH_LICENCE = ("code Apache-2.0; its UNet is a fine-tune of Zero123++ v1.2, so treat it as non-commercial "
+                       "(CC BY-NC 4.0)")
+INSTANTMESH_LABEL = "Zero123++ v1.2 -> InstantMesh (public weights, CC BY-NC 4.0)"
+INSTANTMESH_ID = "zero123plus-v1.2+instantmesh"  # the dropdown's value and how GLBs name the pair
+
+
 def shipped_checkpoint(name: str) -> Path:
     """The folder of a checkpoint shipped with recon3d: package data of an installed recon3d
     (``recon3d/assets/checkpoints/NAME``, put there by the wheel build), else ``assets/checkpoints/NAME`` of the

@@ -130,6 +130,14 @@ def resolve_repo_files(repo_or_folder: str | Path, wanted: list[tuple[str, ...]]
     return root
 
 
+def split_hub_file(name: str) -> tuple[str, str]:
+    """``owner/repo/path/in/repo`` -> (repo id, path in the repo); ValueError for anything else."""
+    parts = str(name).split("/", 2)
+    if len(parts) < 3 or not REPO_ID.fullmatch("/".join(parts[:2])) or not parts[2]:
+        raise ValueError(f"{name!r} is not owner/repo/file")
+    return "/".join(parts[:2]), parts[2]
+
+
 def resolve_file(path_or_hub_file: str | Path, revision: str | None = None, offline: bool | None = None,
                  expected: str = "a checkpoint") -> tuple[Path, str]:
     """One checkpoint file: a local path, or ``owner/repo/path/in/repo`` downloaded once into the Hub cache ->
@@ -137,12 +145,14 @@ def resolve_file(path_or_hub_file: str | Path, revision: str | None = None, offl
     path = Path(path_or_hub_file).expanduser()
     if path.is_file():
         return path, str(path_or_hub_file)
-    parts = str(path_or_hub_file).split("/", 2)
-    if path.exists() or len(parts) < 3 or not REPO_ID.fullmatch("/".join(parts[:2])):
-        raise CheckpointError(f"{path_or_hub_file!r} is neither a file nor owner/repo/file on the Hub")
+    try:
+        if path.exists():
+            raise ValueError("a folder")
+        repo_id, filename = split_hub_file(str(path_or_hub_file))
+    except ValueError:
+        raise CheckpointError(f"{path_or_hub_file!r} is neither a file nor owner/repo/file on the Hub") from None
     from huggingface_hub import constants
 
-    repo_id, filename = "/".join(parts[:2]), parts[2]
     local_only = constants.HF_HUB_OFFLINE if offline is None else offline
     return _download(repo_id, filename, revision, local_only, expected=expected), f"{repo_id}/{filename}"
 

@@ -16,13 +16,16 @@ from typing import Iterator
 
 import torch
 
-from .checkpoints import DEMO_DMV3D_ID, DEMO_DMV3D_LABEL, MVDREAM_CHECKPOINTS, OPENLRM_CHECKPOINTS, demo_dmv3d
-from .hub import CheckpointError, hub_reachable
+from .checkpoints import (DEMO_DMV3D_ID, DEMO_DMV3D_LABEL, INSTANTMESH_ID, INSTANTMESH_LABEL, MVDREAM_CHECKPOINTS,
+                          OPENLRM_CHECKPOINTS, demo_dmv3d)
+from .hub import CheckpointError, hub_reachable, split_hub_file
+from .models.zero123plus import INSTANTMESH_UNET, ZERO123PLUS_REPO
 from .images import views_grid
 from .models.dmv3d import DEMO_CONFIG as DMV3D_DEMO_CONFIG
 from .models.lrm import PUBLISHED_CONFIGS, TINY_LRM_CONFIG
 from .pipelines.events import Event, Exported, Finished, Preview, SampleReady, Stage
 from .pipelines.image_to_3d import ImageTo3D, ImageTo3DOptions, ImageTo3DResult
+from .pipelines.multiview_sample import INSTANT_NERF_LARGE, MultiViewOptions, MultiViewSample3D
 from .pipelines.sample_3d import Sample3D, SampleOptions
 from .pipelines.sds import SDSControl
 from .pipelines.text_to_3d import QuickLookOptions, TextTo3D, TextTo3DOptions, TextTo3DResult
@@ -33,6 +36,8 @@ RANDOM_CHOICES = {
 }
 RANDOM_DMV3D_CHOICES = {"random DMV3D (random weights, demo shapes)": DMV3D_DEMO_CONFIG}
 RANDOM_MVDREAM = "random MVDream (tiny, random weights)"
+RANDOM_INSTANTMESH = "random Zero123++ -> InstantMesh (tiny, random weights)"
+INSTANTMESH_CHOICES = (INSTANTMESH_ID, RANDOM_INSTANTMESH)
 
 
 @dataclass
@@ -56,7 +61,7 @@ class ModelService:
             self.offline = True
         else:
             self.offline = settings.offline if settings.offline is not None else not hub_reachable()
-        self._loaded: OrderedDict[str, ImageTo3D | Sample3D] = OrderedDict()
+        self._loaded: OrderedDict[str, ImageTo3D | Sample3D | MultiViewSample3D | TextTo3D] = OrderedDict()
         self._lock = threading.Lock()
 
     @staticmethod
@@ -89,6 +94,19 @@ class ModelService:
             choices += [(name, name) for name in RANDOM_DMV3D_CHOICES]
         return choices
 
+    def sample_choices(self) -> list[tuple[str, str]]:
+        """(label, value) pairs for the Stochastic samples dropdown: Zero123++ -> InstantMesh (first whenever its
+        weights are in the local cache, or random ones are served) and the DMV3D choices."""
+        if self.settings.random_weights:
+            return [(RANDOM_INSTANTMESH, RANDOM_INSTANTMESH), *self.dmv3d_choices()]
+        instantmesh = [(INSTANTMESH_LABEL, INSTANTMESH_ID)]
+        return instantmesh + self.dmv3d_choices() if instantmesh_cached() else self.dmv3d_choices() + instantmesh
+
+    @staticmethod
+    def sample_options(name: str) -> type[SampleOptions] | type[MultiViewOptions]:
+        """The options class of a Stochastic samples dropdown value (its steps, defaults and ranges)."""
+        return MultiViewOptions if name in INSTANTMESH_CHOICES else SampleOptions
+
     def mvdream_choices(self) -> list[tuple[str, str]]:
         """(label, value) pairs for the Text to 3D dropdown."""
         if self.settings.random_weights:
@@ -100,9 +118,9 @@ class ModelService:
         """The pipeline for a dropdown value; raises CheckpointError with a user message."""
         return self._get(name, self._load_lrm)
 
-    def sample_3d(self, name: str) -> Sample3D:
-        """The DMV3D sampler for a dropdown value; raises CheckpointError with a user message."""
-        return self._get(name, self._load_dmv3d)
+    def sample_3d(self, name: str) -> Sample3D | MultiViewSample3D:
+        """The sampler for a Stochastic samples dropdown value; raises CheckpointError with a user message."""
+        return self._get(name, self._load_instantmesh if name in INSTANTMESH_CHOICES else self._load_dmv3d)
 
     def text_to_3d(self, name: str) -> TextTo3D:
         """MVDream for a dropdown value; raises CheckpointError with a user message."""
@@ -138,12 +156,29 @@ class ModelService:
         # offline is the network's state: it also decides whether the background remover may fetch its model
         return Sample3D.from_pretrained(location, device=self.device, dtype=self.dtype, offline=self.offline, name=name)
 
+    def _load_instantmesh(self, name: str) -> MultiViewSample3D:
+        if name not in {value for _, value in self.sample_choices()}:
+            raise CheckpointError(f"{name}: unknown sampler")
+        if name == RANDOM_INSTANTMESH:
+            return MultiViewSample3D.random(device=self.device, dtype=self.dtype)
+        return MultiViewSample3D.from_pretrained(ZERO123PLUS_REPO, INSTANTMESH_UNET, INSTANT_NERF_LARGE,
+                                                 device=self.device, dtype=self.dtype, offline=self.offline)
+
     def _load_mvdream(self, name: str) -> TextTo3D:
         if name not in {value for _, value in self.mvdream_choices()}:  # never a path a visitor typed
             raise CheckpointError(f"{name}: unknown MVDream checkpoint")
         if name == RANDOM_MVDREAM:
             return TextTo3D.random(device=self.device, dtype=self.dtype)
         return TextTo3D.from_pretrained(name, device=self.device, dtype=self.dtype, offline=self.offline)
+
+
+def instantmesh_cached() -> bool:
+    """Whether Zero123++ and InstantMesh's UNet and NeRF are in the local Hub cache (then they are the default)."""
+    from huggingface_hub import try_to_load_from_cache
+
+    wanted = [(ZERO123PLUS_REPO, "model_index.json"), split_hub_file(INSTANTMESH_UNET),
+              split_hub_file(INSTANT_NERF_LARGE)]
+    return all(isinstance(try_to_load_from_cache(repo, file), str) for repo, file in wanted)
 
 
 @dataclass(kw_only=True)
@@ -167,6 +202,7 @@ class ShownSample:
     image: str  # digest of the input file
     random_weights: bool
     note: str | None = None
+    views: Path | None = None  # the generated views as one image (Zero123++: 3 rows x 2 columns)
 
 
 @dataclass(kw_only=True)
@@ -240,7 +276,7 @@ class PreviewFiles:
 
 
 def sample_job(service: ModelService, sessions, session: str, checkpoint: str, image_path: str,
-               options: SampleOptions, shown: list[ShownSample], cancel) -> Iterator[Event]:
+               options: SampleOptions | MultiViewOptions, shown: list[ShownSample], cancel) -> Iterator[Event]:
     """One visitor's Stochastic samples job, meant for a worker thread: a :class:`PreviewFile` of the current x0
     views at every step, a :class:`SampleShown` per finished seed, and :class:`Finished` with the path of a
     comparison image of ``shown`` and the new samples together (which must come from the same checkpoint)."""
@@ -254,8 +290,12 @@ def sample_job(service: ModelService, sessions, session: str, checkpoint: str, i
             sample = event.sample
             glb = sample.save_glb(sessions.output_path(session, f"seed-{sample.seed}", ".glb"))
             notes = sample.metadata.get("notes")
+            views = None
+            if isinstance(pipe, MultiViewSample3D):
+                views = sessions.output_path(session, f"seed-{sample.seed}-views", ".png")
+                pipe.views_image(sample).save(views)
             samples.append(ShownSample(sample.seed, sample.planes, glb, checkpoint, digest, pipe.random_weights,
-                                       "; ".join(notes) if notes else None))
+                                       "; ".join(notes) if notes else None, views))
             yield SampleShown(fraction=event.fraction, message=event.message, sample=samples[-1])
         elif not isinstance(event, Finished):
             yield event

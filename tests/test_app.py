@@ -431,6 +431,32 @@ def test_samples_tab_streams_three_seeds_into_three_distinct_glbs_and_more_keeps
         other.result()
 
 
+RANDOM_INSTANTMESH = "random Zero123++ -> InstantMesh (tiny, random weights)"
+
+
+def test_samples_tab_serves_zero123plus_instantmesh_with_each_samples_six_views(app_url):
+    from PIL import Image
+
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    job = sample_call(client, seeds="3, 5", count=2, steps=2, checkpoint=RANDOM_INSTANTMESH)
+    status, preview, comparison, files, *slots = job.result()
+    assert len(files) == 2 and "2 samples (seeds 3, 5)" in status and "Random weights" in status
+    for path, seed in zip(files, (3, 5)):
+        glb_summary(path)
+        extras = glb_extras(path)
+        assert (extras["method"], extras["seed"], extras["steps"], extras["guidance"]) == \
+            ("Zero123++ v1.2 -> InstantMesh NeRF", seed, 2, 4.0)
+        assert extras["reconstruct_at"] == [] and extras["random_weights"] is True
+    views = streamed_slots(job.outputs(), 28)
+    assert all(str(v).endswith(".png") for v in views[:2]) and views[2:] == [None] * 6
+    assert Image.open(views[0]).size == (2 * 32, 3 * 32)  # the six views, 3 rows x 2 columns (tiny: 32 px each)
+    assert Image.open(views[0]).tobytes() != Image.open(views[1]).tobytes()  # two seeds, two samples
+    assert Image.open(comparison).size == (4 * 96, 2 * 96)
+    assert Image.open(preview).size == (6 * 96, 2 * 96)  # the last step's x0: two samples x six views
+
+
 def shown(update):
     """What a slot of the page shows: its value when visible (the API sends slots as visibility updates)."""
     if isinstance(update, dict):

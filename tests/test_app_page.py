@@ -188,3 +188,28 @@ def test_samples_tab_shares_the_gpu_queue_its_cancel_stops_both_buttons_and_type
         service.sample_3d(str(ROOT / "assets"))  # a folder on the server that is not on the list
 
 
+
+
+def test_zero123plus_instantmesh_is_offered_first_when_cached_with_its_own_defaults_and_licences(monkeypatch):
+    from recon3d import service as service_module
+    from recon3d.app.samples_tab import intro, model_defaults
+    from recon3d.checkpoints import INSTANTMESH_ID
+    from recon3d.hub import CheckpointError
+    from recon3d.pipelines.multiview_sample import MultiViewOptions
+    from recon3d.pipelines.sample_3d import SampleOptions
+
+    service = ModelService(ServiceSettings(offline=True))
+    monkeypatch.setattr(service_module, "instantmesh_cached", lambda: False)
+    assert service.sample_choices()[-1][1] == INSTANTMESH_ID  # offered, not the default
+    monkeypatch.setattr(service_module, "instantmesh_cached", lambda: True)
+    choices = service.sample_choices()
+    assert choices[0][1] == INSTANTMESH_ID and "CC BY-NC 4.0" in choices[0][0]
+    assert "CC BY-NC 4.0" in intro(service) and "Apache-2.0" in intro(service)
+    steps, ratio = model_defaults(INSTANTMESH_ID)
+    assert (steps["value"], ratio["value"]) == (MultiViewOptions.steps, MultiViewOptions.foreground_ratio) == (75, 0.85)
+    steps, ratio = model_defaults(choices[1][1])
+    assert (steps["value"], ratio["value"]) == (SampleOptions.steps, SampleOptions.foreground_ratio)
+    random = ModelService(ServiceSettings(random_weights=True))
+    assert random.sample_choices()[0][1] == service_module.RANDOM_INSTANTMESH
+    with pytest.raises(CheckpointError, match="unknown sampler"):
+        random.sample_3d(INSTANTMESH_ID)  # the real pair is not served by a random-weights app

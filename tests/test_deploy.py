@@ -26,10 +26,20 @@ def test_spaces_front_matter_pins_gradio_and_preloads_every_checkpoint():
     from recon3d.checkpoints import MVDREAM_CHECKPOINTS
     from recon3d.models.mvdream import DIFFUSERS_LAYOUT
 
+    from recon3d.hub import split_hub_file
+    from recon3d.models.zero123plus import INSTANTMESH_UNET, LAYOUT, ZERO123PLUS_REPO
+    from recon3d.pipelines.multiview_sample import INSTANT_NERF_LARGE
+
     lrm_repos, mvdream_repos = {c.repo_id for c in OPENLRM_CHECKPOINTS}, {c.repo_id for c in MVDREAM_CHECKPOINTS}
-    assert set(meta["models"]) == lrm_repos | mvdream_repos
+    instantmesh = {repo: file for repo, file in map(split_hub_file, (INSTANTMESH_UNET, INSTANT_NERF_LARGE))}
+    assert len(instantmesh) == 1  # the UNet and the NeRF live in one repo
+    (instantmesh_repo, _), = instantmesh.items()
+    others = {ZERO123PLUS_REPO, instantmesh_repo}
+    assert set(meta["models"]) == lrm_repos | mvdream_repos | others
     preloaded = dict(entry.split() for entry in meta["preload_from_hub"])
-    assert set(preloaded) == lrm_repos | mvdream_repos
+    assert set(preloaded) == lrm_repos | mvdream_repos | others
+    assert preloaded[ZERO123PLUS_REPO] == ",".join(names[0] for names in LAYOUT)  # what Zero123++ loading reads
+    assert preloaded[instantmesh_repo].split(",") == [split_hub_file(f)[1] for f in (INSTANTMESH_UNET, INSTANT_NERF_LARGE)]
     assert all(preloaded[repo] == "config.json,model.safetensors" for repo in lrm_repos)
     every_part = ",".join(names[0] for names in DIFFUSERS_LAYOUT)  # what TextTo3D.from_pretrained reads
     assert all(preloaded[repo] == every_part for repo in mvdream_repos)

@@ -1,4 +1,5 @@
-"""The Stochastic samples tab (DMV3D): several plausible objects for one photo, one per seed, side by side."""
+"""The Stochastic samples tab: several plausible objects for one photo, one per seed, side by side, from
+Zero123++ -> InstantMesh (public weights) or recon3d's DMV3D."""
 
 from __future__ import annotations
 
@@ -6,41 +7,58 @@ from pathlib import Path
 
 import gradio as gr
 
+from ..checkpoints import INSTANTMESH_LICENCE, ZERO123PLUS_LICENCE
 from ..images import FOREGROUND_RATIO
 from ..options import limit_of
 from ..pipelines.events import Finished
+from ..pipelines.multiview_sample import MultiViewOptions
 from ..pipelines.sample_3d import COUNT, DEFAULT_COUNT, MAX_SEEDS, SampleOptions, seeds_to_add
-from ..service import RANDOM_DMV3D_CHOICES, ModelService, PreviewFile, SampleShown, ShownSample, file_digest, sample_job
+from ..service import (RANDOM_DMV3D_CHOICES, RANDOM_INSTANTMESH, ModelService, PreviewFile,
+                       SampleShown, ShownSample, file_digest, sample_job)
 from ..sessions import Sessions
-from .common import (GPU_QUEUE, UPLOAD_FIRST, checked, examples, image_input, is_example, viewer, visitor_id,
-                     visitor_job)
+from .common import (GPU_QUEUE, SWITCHES, UPLOAD_FIRST, checked, examples, image_input, is_example, viewer,
+                     visitor_id, visitor_job)
 
 RANDOM_NOTE = "\n\n**Random weights: these samples are meaningless.**"
-STEPS = limit_of(SampleOptions, "steps")
 
 
 def intro(service: ModelService) -> str:
-    default_is_random = service.dmv3d_choices()[0][1] in RANDOM_DMV3D_CHOICES
-    return ("DMV3D (Xu et al., ICLR 2024): a photo does not fix the back of an object, so each seed gives another "
-            "plausible one. Every denoising step is itself a 3D model (the preview shows its views). No public DMV3D "
-            "weights exist: "
-            + ("**no DMV3D checkpoint is installed, so this tab runs random weights** (meaningless shapes)."
-               if default_is_random else
-               "the default model was **trained on procedural shapes only** (boxes, spheres, cylinders, cones, tori) "
-               "by recon3d, from 32-pixel images, so expect such shapes."))
+    dmv3d_is_random = service.dmv3d_choices()[0][1] in RANDOM_DMV3D_CHOICES
+    return ("A photo does not fix the back of an object, so each seed gives another plausible one.\n\n"
+            "- **Zero123++ v1.2 -> InstantMesh** (public weights): Zero123++ (Shi et al. 2023) imagines six views of "
+            "the photo for each seed (shown under each sample) and InstantMesh's NeRF reconstructor (Xu et al. 2024) "
+            f"turns them into a 3D model. Licences: Zero123++ weights {ZERO123PLUS_LICENCE}; InstantMesh "
+            f"{INSTANTMESH_LICENCE}.\n"
+            "- **DMV3D** (Xu et al., ICLR 2024): every denoising step is itself a 3D model. No public DMV3D weights "
+            "exist: " + ("**no DMV3D checkpoint is installed, so it runs random weights** (meaningless shapes)."
+                         if dmv3d_is_random else
+                         "the model offered was **trained on procedural shapes only** (boxes, spheres, cylinders, "
+                         "cones, tori) by recon3d, from 32-pixel images, so expect such shapes."))
 
 
-def form_options(service: ModelService, count, seeds_text, steps, remove_background, foreground_ratio,
-                 shown: list[ShownSample], adding: bool) -> SampleOptions:
-    """The form's values as sampler options for new samples next to ``shown``, checked by the library (the mesh
-    resolution is the server device's default)."""
-    def make() -> SampleOptions:
-        options = SampleOptions(seeds=[0], steps=steps, remove_background=bool(remove_background),
-                                foreground_ratio=foreground_ratio).resolved(service.device)
+def options_class(checkpoint: str) -> type[SampleOptions] | type[MultiViewOptions]:
+    return ModelService.sample_options(checkpoint)
+
+
+def form_options(service: ModelService, checkpoint, count, seeds_text, steps, remove_background, foreground_ratio,
+                 shown: list[ShownSample], adding: bool) -> SampleOptions | MultiViewOptions:
+    """The form's values as the chosen model's sampler options for new samples next to ``shown``, checked by the
+    library (the mesh resolution is the server device's default)."""
+    def make() -> SampleOptions | MultiViewOptions:
+        options = options_class(checkpoint)(seeds=[0], steps=steps, remove_background=bool(remove_background),
+                                            foreground_ratio=foreground_ratio).resolved(service.device)
         options.seeds = seeds_to_add(count, seeds_text, [sample.seed for sample in shown], adding)
         return options.validate()
 
     return checked(make)
+
+
+def model_defaults(checkpoint: str) -> tuple[dict, dict]:
+    """The steps and foreground ratio fields for the chosen model: its own defaults and ranges."""
+    options = options_class(checkpoint)
+    steps = limit_of(options, "steps")
+    return (gr.update(value=options.steps, label=f"Denoising steps ({steps.text})"),
+            gr.update(value=options.foreground_ratio))
 
 
 def samples_to_keep(shown: list[ShownSample], checkpoint: str, image_path: str) -> tuple[list[ShownSample], str]:
@@ -59,32 +77,35 @@ class SampleSlots:
     canvas in Gradio 6.31, so only the captions and files are shown and hidden."""
 
     def __init__(self, count: int, per_row: int = 4):
-        self.captions, self.viewers, self.files = [], [], []
+        self.captions, self.viewers, self.files, self.views = [], [], [], []
         for first in range(0, count, per_row):
             with gr.Row(equal_height=True):
                 for index in range(first, min(first + per_row, count)):
                     with gr.Column(min_width=200):
                         self.captions.append(gr.Markdown(visible=False, elem_id=f"sample-caption-{index}"))
                         self.viewers.append(viewer(f"Sample {index + 1}", 240, f"sample-{index}"))
+                        self.views.append(gr.Image(visible=False, label="Its generated views", type="filepath",
+                                                   interactive=False, height=240, elem_id=f"sample-views-{index}"))
                         self.files.append(gr.File(visible=False, label="GLB", elem_id=f"sample-file-{index}"))
 
     @property
     def components(self) -> list:
-        return [*self.captions, *self.viewers, *self.files]
+        return [*self.captions, *self.viewers, *self.files, *self.views]
 
     def show(self, index: int, sample: ShownSample) -> dict:
         """Slot ``index`` shows ``sample`` (the other slots are left as they are: no viewer reloads)."""
         text = f"**Seed {sample.seed}**" + (" · random weights" if sample.random_weights else "")
         text += f"  \n_{sample.note}_" if sample.note else ""
+        views = gr.update(value=str(sample.views), visible=True) if sample.views else gr.update(value=None, visible=False)
         return {self.captions[index]: gr.update(value=text, visible=True), self.viewers[index]: str(sample.glb),
-                self.files[index]: gr.update(value=str(sample.glb), visible=True)}
+                self.files[index]: gr.update(value=str(sample.glb), visible=True), self.views[index]: views}
 
     def clear(self, start: int = 0) -> dict:
         """Empty the slots from ``start`` on."""
         updates = {}
-        for caption, model, file in list(zip(self.captions, self.viewers, self.files))[start:]:
+        for caption, model, file, views in list(zip(self.captions, self.viewers, self.files, self.views))[start:]:
             updates |= {caption: gr.update(value="", visible=False), model: None,
-                        file: gr.update(value=None, visible=False)}
+                        file: gr.update(value=None, visible=False), views: gr.update(value=None, visible=False)}
         return updates
 
 
@@ -100,11 +121,12 @@ def make_handler(service: ModelService, sessions: Sessions, slots: SampleSlots, 
         if not image_path:
             raise gr.Error(UPLOAD_FIRST)
         shown, expired = samples_to_keep(list(shown or []), checkpoint, image_path) if adding else ([], "")
-        options = form_options(service, count, seeds_text, steps, remove_background, foreground_ratio, shown, adding)
+        options = form_options(service, checkpoint, count, seeds_text, steps, remove_background, foreground_ratio,
+                               shown, adding)
         session = visitor_id(request)
         if not is_example(image_path):
             sessions.adopt(session, image_path)
-        label = RANDOM_NOTE if checkpoint in RANDOM_DMV3D_CHOICES else ""
+        label = RANDOM_NOTE if checkpoint in (*RANDOM_DMV3D_CHOICES, RANDOM_INSTANTMESH) else ""
         samples, grid, last_preview = list(shown), None, None
         files = lambda: [str(sample.glb) for sample in samples]  # noqa: E731
         yield {status: f"Sampling seeds {', '.join(map(str, options.seeds))}{expired}" + label, state: samples,
@@ -133,21 +155,22 @@ def make_handler(service: ModelService, sessions: Sessions, slots: SampleSlots, 
 def build(service: ModelService, sessions: Sessions) -> None:
     """The tab's widgets and events (inside a ``gr.Tab``)."""
     gr.Markdown(intro(service))
-    choices = service.dmv3d_choices()
+    choices = service.sample_choices()
+    first = options_class(choices[0][1])
     with gr.Row():
         with gr.Column(scale=1):
             image = image_input("samples-image")
-            checkpoint = gr.Dropdown(choices, value=choices[0][1], label="DMV3D checkpoint")
+            checkpoint = gr.Dropdown(choices, value=choices[0][1], label="Model", elem_id="samples-model")
             count = gr.Slider(int(COUNT.low), int(COUNT.high), value=DEFAULT_COUNT, step=1,
                               label=f"Number of samples ({COUNT.text})", elem_id="samples-count")
             seeds = gr.Textbox(label="Seeds (optional)", placeholder="e.g. 1, 7, 42; empty: new random seeds",
                                info="A list overrides the number of samples; a seed gives the same sample again.",
                                elem_id="samples-seeds")
-            steps = gr.Number(SampleOptions.steps, step=1, label=f"Denoising steps ({STEPS.text})",
+            steps = gr.Number(first.steps, step=1, label=f"Denoising steps ({limit_of(first, 'steps').text})",
                               elem_id="samples-steps")
-            remove_background = gr.Checkbox(SampleOptions.remove_background,
+            remove_background = gr.Checkbox(first.remove_background,
                                             label="Remove background (when the image has no transparency)")
-            foreground_ratio = gr.Number(SampleOptions.foreground_ratio, step=0.05,
+            foreground_ratio = gr.Number(first.foreground_ratio, step=0.05,
                                          label=f"Foreground ratio ({FOREGROUND_RATIO.text})")
             with gr.Row():
                 generate = gr.Button("Generate", variant="primary", elem_id="samples-generate")
@@ -172,3 +195,5 @@ def build(service: ModelService, sessions: Sessions) -> None:
                                    outputs=[*outputs.values(), *slots.components], show_progress_on=[comparison],
                                    api_name=api_name, concurrency_id=GPU_QUEUE, concurrency_limit=1))
     cancel.click(fn=None, cancels=events, api_name=False)
+    checkpoint.change(model_defaults, inputs=[checkpoint], outputs=[steps, foreground_ratio], api_name=False,
+                      concurrency_id=SWITCHES, concurrency_limit=None)

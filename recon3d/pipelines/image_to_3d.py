@@ -18,7 +18,7 @@ from ..cancel import NEVER, CancelToken
 from ..field import TriplaneField
 from ..images import (FOREGROUND_RATIO, BackgroundRemover, ImageInput, PreparedImage, image_to_tensor, prepare_image,
                       views_grid)
-from ..mesh import FLOATER_FRACTION, RESOLUTION, Mesh, MeshSettings, default_resolution, extract_mesh
+from ..mesh import RESOLUTION, Mesh, MeshSettings, default_resolution, extract_mesh
 from ..models.lrm import DENSITY_LEVEL, LRM, LRMConfig, random_lrm
 from ..options import Limit, Options, limited
 from ..render import RenderSettings, render_orbit

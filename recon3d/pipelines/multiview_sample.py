@@ -28,7 +28,8 @@ from PIL import Image
 
 from ..cameras import intrinsics_from_fov
 from ..cancel import NEVER, CancelToken
-from ..images import FOREGROUND_RATIO, BackgroundRemover, ImageInput, PreparedImage, image_to_tensor, prepare_image
+from ..images import (FOREGROUND_RATIO, BackgroundRemover, ImageInput, PreparedImage, image_to_tensor, prepare_image,
+                      views_grid)
 from ..mesh import FLOATER_FRACTION, RESOLUTION, Mesh, MeshSettings, default_resolution, extract_mesh_or_fallback
 from ..models.instant_nerf import (TINY_INSTANT_NERF_CONFIG, VIEW_SIZE, ZERO123PLUS_DISTANCE, ZERO123PLUS_FOV, InstantNeRF,
                                    instant_nerf_cameras, random_instant_nerf, zero123plus_poses)
@@ -259,6 +260,11 @@ class MultiViewSample3D:
                                 min_part_fraction=1.0 if self.random_weights else FLOATER_FRACTION)
         mesh, _, note = extract_mesh_or_fallback(self.reconstructor.field(planes), settings, cancel=cancel)
         return mesh, note
+
+    @staticmethod
+    def views_image(sample: Sample) -> Image.Image:
+        """A sample's six views as Zero123++ tiles them: 3 rows x 2 columns."""
+        return views_grid(tile_views(sample.views[None])[:, None])
 
     def comparison(self, samples: list[Sample], size: int = 96, cancel: CancelToken = NEVER) -> Image.Image:
         """The samples side by side from the same four angles, seen as Zero123++'s cameras see them."""
