@@ -11,7 +11,9 @@ Random weights in the published configurations (speed and numerics do not depend
   against the same seed inside the batch (the planes' largest difference);
 - MVDream SDS in float16 and bfloat16: seconds per step in each render phase, the fast preset's projected total,
   the interval between previews, and the non-finite steps seen;
-- Zero123++ with InstantMesh: not built yet (reported as such).
+- Zero123++ v1.2 -> InstantMesh at the published sizes: 4 seeds, seconds per diffusion step, decode,
+  reconstruction, loop step and mesh, the projected 75-step job against its target (bench/multiview.py); with the
+  real weights in the Hub cache (GPU), the reconstruction loop's effect on 3D consistency.
 It prints one table with each target's verdict and writes bench/results/gpu-<device>.json (``--json`` elsewhere).
 The renderer, DMV3D speed and SDS phases run in child processes (bench/render.py, dmv3d.py, sds.py workers), so
 each peak memory is its own.
@@ -30,6 +32,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dmv3d as dmv3d_bench  # noqa: E402  (bench/dmv3d.py)
 import lrm as lrm_bench  # noqa: E402  (bench/lrm.py: reports, memory meter, LRM runs)
+import multiview as multiview_bench  # noqa: E402  (bench/multiview.py)
 import render as render_bench  # noqa: E402
 import sds as sds_bench  # noqa: E402
 
@@ -46,6 +49,7 @@ TARGETS = {
     "seed_relative_difference": 1e-2,  # a seed alone vs in a batch: the same object
     "sds_fast_seconds": sds_bench.TARGET_GPU_SECONDS_FAST,
     "preview_seconds": sds_bench.TARGET_PREVIEW_SECONDS,
+    "multiview_job_seconds": multiview_bench.TARGET_GPU_SECONDS,
 }
 
 
@@ -60,6 +64,8 @@ def plan(device: str, quick: bool) -> dict:
                   "target_steps": 30, "dtype": "bfloat16", "resolution": 64 if quick else 256},  # the app's GPU mesh
         "sds": {"tiny": quick, "steps": 1 if quick else 5,
                 "dtypes": ["bfloat16"] if quick or not cuda else ["float16", "bfloat16"]},
+        "multiview": {"quick": quick, "seeds": "4", "steps": 1 if quick else 3, "dtype": "bfloat16" if cuda else "float32",
+                      "mesh_resolution": 64 if quick else 256, "real": cuda},
     }
 
 
@@ -163,7 +169,11 @@ def run(device: str, quick: bool, threads: int | None) -> dict:
     report["seed_in_batch"] = guarded(seed_in_batch, torch_device, spec)
     print("MVDream SDS", flush=True)
     report["sds"] = guarded(sds_phases, device, steps["sds"], threads)
-    report["zero123plus_instantmesh"] = {"status": "not built yet"}
+    print("Zero123++ -> InstantMesh", flush=True)
+    spec = steps["multiview"]
+    report["zero123plus_instantmesh"] = guarded(
+        multiview_bench.run_in_process, device, spec["dtype"], spec["quick"], spec["seeds"], spec["steps"],
+        spec["mesh_resolution"], spec["real"])
     report["seconds"] = time.perf_counter() - started
     report["verdicts"] = verdicts(report)
     return report
@@ -258,7 +268,21 @@ def verdicts(report: dict) -> list[dict]:
             non_finite[r["dtype"]] = non_finite.get(r["dtype"], 0) + len(r.get("non_finite", []))
     for dtype, count in non_finite.items():
         row(f"SDS {dtype} non-finite steps seen", count, "0", count == 0)
-    row("Zero123++ with InstantMesh", "not built yet", "", None)
+    multiview = report["zero123plus_instantmesh"]
+    if multiview.get("status") == "failed":
+        row("Zero123++ -> InstantMesh", multiview["error"], "", None, failed=True)
+    else:
+        record = multiview["records"][-1]
+        row(f"Zero123++ -> InstantMesh {record['seeds']} seeds x 75 steps + meshes, projected seconds",
+            record["job_projection_s"], f"< {TARGETS['multiview_job_seconds']:g} s",
+            record["job_projection_s"] < TARGETS["multiview_job_seconds"])
+        row("Zero123++ -> InstantMesh loop step (decode, reconstruct, render, encode) seconds",
+            record["loop_step_s"], FIGURE, None)
+        effect = multiview.get("loop_effect")
+        if effect and "skipped" not in effect:
+            means = {k: sum(v["psnr_db"]) / len(v["psnr_db"]) for k, v in effect.items()}
+            row("Zero123++ -> InstantMesh views vs their reconstruction, PSNR dB (without / with loop)",
+                f"{means['without']:.2f} / {means['with']:.2f}", FIGURE, None)
     return rows
 
 

@@ -37,6 +37,7 @@ ZERO123PLUS_LICENCE = "CC BY-NC 4.0 (non-commercial use only)"
 INSTANTMESH_LICENCE = ("code Apache-2.0; its UNet is a fine-tune of Zero123++ v1.2, so treat it as non-commercial "
                        "(CC BY-NC 4.0)")
 INSTANTMESH_LABEL = "Zero123++ v1.2 -> InstantMesh (public weights, CC BY-NC 4.0)"
+INSTANTMESH_IMAGE_LABEL = "InstantMesh (Zero123++ views, one seed; CC BY-NC 4.0)"
 INSTANTMESH_ID = "zero123plus-v1.2+instantmesh"  # the dropdown's value and how GLBs name the pair
 
 

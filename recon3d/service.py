@@ -16,8 +16,8 @@ from typing import Iterator
 
 import torch
 
-from .checkpoints import (DEMO_DMV3D_ID, DEMO_DMV3D_LABEL, INSTANTMESH_ID, INSTANTMESH_LABEL, MVDREAM_CHECKPOINTS,
-                          OPENLRM_CHECKPOINTS, demo_dmv3d)
+from .checkpoints import (DEMO_DMV3D_ID, DEMO_DMV3D_LABEL, INSTANTMESH_ID, INSTANTMESH_IMAGE_LABEL, INSTANTMESH_LABEL,
+                          MVDREAM_CHECKPOINTS, OPENLRM_CHECKPOINTS, demo_dmv3d)
 from .hub import CheckpointError, hub_reachable, split_hub_file
 from .models.zero123plus import INSTANTMESH_UNET, ZERO123PLUS_REPO
 from .images import views_grid
@@ -25,7 +25,7 @@ from .models.dmv3d import DEMO_CONFIG as DMV3D_DEMO_CONFIG
 from .models.lrm import PUBLISHED_CONFIGS, TINY_LRM_CONFIG
 from .pipelines.events import Event, Exported, Finished, Preview, SampleReady, Stage
 from .pipelines.image_to_3d import ImageTo3D, ImageTo3DOptions, ImageTo3DResult
-from .pipelines.multiview_sample import INSTANT_NERF_LARGE, MultiViewOptions, MultiViewSample3D
+from .pipelines.multiview_sample import INSTANT_NERF_LARGE, MultiViewOptions, MultiViewSample3D, ViewsImageTo3D
 from .pipelines.sample_3d import Sample3D, SampleOptions
 from .pipelines.sds import SDSControl
 from .pipelines.text_to_3d import QuickLookOptions, TextTo3D, TextTo3DOptions, TextTo3DResult
@@ -79,10 +79,11 @@ class ModelService:
         return thread
 
     def lrm_choices(self) -> list[tuple[str, str]]:
-        """(label, value) pairs for a dropdown."""
+        """(label, value) pairs for the Image to 3D dropdown: the OpenLRM checkpoints, then InstantMesh reading
+        Zero123++'s views of the photo (one seed)."""
         if self.settings.random_weights:
-            return [(name, name) for name in RANDOM_CHOICES]
-        return [(c.label, c.repo_id) for c in OPENLRM_CHECKPOINTS]
+            return [(name, name) for name in RANDOM_CHOICES] + [(RANDOM_INSTANTMESH, RANDOM_INSTANTMESH)]
+        return [(c.label, c.repo_id) for c in OPENLRM_CHECKPOINTS] + [(INSTANTMESH_IMAGE_LABEL, INSTANTMESH_ID)]
 
     def dmv3d_choices(self) -> list[tuple[str, str]]:
         """(label, value) pairs for the Stochastic samples dropdown: the configured checkpoint, the shipped demo
@@ -114,8 +115,10 @@ class ModelService:
         configured = [(f"{self.settings.mvdream} (configured)", self.settings.mvdream)] if self.settings.mvdream else []
         return configured + [(f"{c.label} ({c.licence})", c.repo_id) for c in MVDREAM_CHECKPOINTS]
 
-    def image_to_3d(self, name: str) -> ImageTo3D:
-        """The pipeline for a dropdown value; raises CheckpointError with a user message."""
+    def image_to_3d(self, name: str) -> ImageTo3D | ViewsImageTo3D:
+        """The pipeline for an Image to 3D dropdown value; raises CheckpointError with a user message."""
+        if name in INSTANTMESH_CHOICES:
+            return ViewsImageTo3D(self.sample_3d(name))  # the same loaded sampler as the Stochastic samples tab
         return self._get(name, self._load_lrm)
 
     def sample_3d(self, name: str) -> Sample3D | MultiViewSample3D:
@@ -157,7 +160,7 @@ class ModelService:
         return Sample3D.from_pretrained(location, device=self.device, dtype=self.dtype, offline=self.offline, name=name)
 
     def _load_instantmesh(self, name: str) -> MultiViewSample3D:
-        if name not in {value for _, value in self.sample_choices()}:
+        if name not in {value for _, value in self.sample_choices() + self.lrm_choices()}:
             raise CheckpointError(f"{name}: unknown sampler")
         if name == RANDOM_INSTANTMESH:
             return MultiViewSample3D.random(device=self.device, dtype=self.dtype)
@@ -233,8 +236,9 @@ class ImageOutputs:
 
 def image_job(service: ModelService, sessions, session: str, checkpoint: str, image_path: str,
               options: ImageTo3DOptions, cancel) -> Iterator[Event]:
-    """One visitor's Image to 3D job, meant for a worker thread: load the checkpoint, run the pipeline, write the
-    GLB and the processed input into the visitor's folder; ends with :class:`Finished` of :class:`ImageOutputs`."""
+    """One visitor's Image to 3D job, meant for a worker thread: load the checkpoint, run the pipeline (an LRM, or
+    Zero123++ views read by InstantMesh), write the GLB and the processed input into the visitor's folder; ends
+    with :class:`Finished` of :class:`ImageOutputs`."""
     yield Stage(name="load", fraction=0.0, message="Loading the checkpoint")
     pipe = service.image_to_3d(checkpoint)
     for event in pipe.run(image_path, options, cancel):

@@ -457,6 +457,22 @@ def test_samples_tab_serves_zero123plus_instantmesh_with_each_samples_six_views(
     assert Image.open(preview).size == (6 * 96, 2 * 96)  # the last step's x0: two samples x six views
 
 
+def test_image_to_3d_serves_instantmesh_on_zero123plus_views(app_url):
+    from gradio_client import Client, handle_file
+    from PIL import Image
+
+    client = Client(app_url, verbose=False)
+    processed, viewer_glb, glb_file, timings = client.predict(
+        handle_file(str(ROOT / "examples" / "duck.png")), RANDOM_INSTANTMESH, False, 0.85, 64, True,
+        api_name="/image_to_3d")
+    glb_summary(glb_file)
+    extras = glb_extras(glb_file)
+    assert extras["method"] == "Zero123++ v1.2 -> InstantMesh NeRF (Image to 3D, one seed)"
+    assert (extras["seed"], extras["steps"], extras["foreground_ratio"]) == (42, 75, 0.85)
+    assert Image.open(processed).size == (320, 320)
+    assert "views, reconstruction and mesh" in timings and "Random weights" in timings
+
+
 def shown(update):
     """What a slot of the page shows: its value when visible (the API sends slots as visibility updates)."""
     if isinstance(update, dict):

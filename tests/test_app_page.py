@@ -213,3 +213,16 @@ def test_zero123plus_instantmesh_is_offered_first_when_cached_with_its_own_defau
     assert random.sample_choices()[0][1] == service_module.RANDOM_INSTANTMESH
     with pytest.raises(CheckpointError, match="unknown sampler"):
         random.sample_3d(INSTANTMESH_ID)  # the real pair is not served by a random-weights app
+
+
+def test_image_to_3d_offers_instantmesh_on_zero123plus_views_sharing_the_loaded_sampler():
+    from recon3d.checkpoints import INSTANTMESH_ID
+    from recon3d.pipelines.multiview_sample import ViewsImageTo3D
+    from recon3d.service import RANDOM_INSTANTMESH
+
+    assert ModelService(ServiceSettings(offline=True)).lrm_choices()[-1][1] == INSTANTMESH_ID
+    service = ModelService(ServiceSettings(random_weights=True))
+    assert service.lrm_choices()[-1][1] == RANDOM_INSTANTMESH
+    job = service.image_to_3d(RANDOM_INSTANTMESH)
+    assert isinstance(job, ViewsImageTo3D) and job.sampler is service.sample_3d(RANDOM_INSTANTMESH)
+    assert job.random_weights

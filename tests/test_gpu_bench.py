@@ -27,9 +27,13 @@ def test_the_gpu_acceptance_command_runs_every_path_on_a_cpu(tmp_path):
     assert all(r["status"] == "ok" and r["seconds_per_step"] > 0 and r["non_finite"] == [] for r in runs)
     fast = report["sds"]["projections"]["bfloat16"]["presets"]["fast"]
     assert fast["steps"] == 2000 and fast["seconds"] > 0 and fast["previews"] >= 2000 // 10
+    multiview = report["zero123plus_instantmesh"]["records"][0]
+    assert multiview["seeds"] == 4 and multiview["step_s"] > 0 and multiview["reconstruct_s"] > 0
+    assert multiview["loop_step_s"] > 0 and multiview["mesh_s"] > 0 and multiview["job_projection_s"] > 0
     checks = [row["check"] for row in report["verdicts"]]
-    assert any(c.startswith("SDS bfloat16 fast preset") for c in checks) and "Zero123++ with InstantMesh" in checks
-    assert {row["verdict"] for row in report["verdicts"]} == {"not judged (quick or CPU run)", "not measured", "figure only"}
+    assert any(c.startswith("SDS bfloat16 fast preset") for c in checks)
+    assert "Zero123++ -> InstantMesh 4 seeds x 75 steps + meshes, projected seconds" in checks
+    assert {row["verdict"] for row in report["verdicts"]} == {"not judged (quick or CPU run)", "figure only"}
     assert "verdict" in done.stdout and "SDS bfloat16 non-finite steps seen" in done.stdout
 
 
@@ -56,7 +60,10 @@ def test_verdicts_of_a_full_gpu_run_judge_each_target_and_flag_failures():
               "sds": {"runs": [{"dtype": "float16", "status": "ok", "non_finite": [3]},
                                {"dtype": "float16", "status": "ok", "non_finite": [7, 9]}],
                       "projections": {"float16": {"presets": {"fast": {"seconds": 250.0,
-                                                                        "preview_interval_seconds": interval}}}}}}
+                                                                        "preview_interval_seconds": interval}}}}},
+              "zero123plus_instantmesh": {"records": [{"seeds": 4, "job_projection_s": 41.0, "loop_step_s": 0.4}],
+                                          "loop_effect": {"without": {"psnr_db": [20.0, 22.0]},
+                                                          "with": {"psnr_db": [24.0, 26.0]}}}}
     verdict = {row["check"]: row["verdict"] for row in gpu.verdicts(report)}
     assert verdict["LRM base 256^3 float32 image -> GLB seconds"] == "met"
     assert verdict["LRM base 256^3 float16 image -> GLB seconds"] == "MISSED"
@@ -69,4 +76,6 @@ def test_verdicts_of_a_full_gpu_run_judge_each_target_and_flag_failures():
     rows = {row["check"]: row for row in gpu.verdicts(report)}
     assert rows["SDS float16 non-finite steps seen"]["measured"] == 3  # both phases counted
     assert verdict["SDS float16 non-finite steps seen"] == "MISSED"
-    assert verdict["Zero123++ with InstantMesh"] == "not measured"
+    assert verdict["Zero123++ -> InstantMesh 4 seeds x 75 steps + meshes, projected seconds"] == "MISSED"  # 41 s > 30
+    assert rows["Zero123++ -> InstantMesh views vs their reconstruction, PSNR dB (without / with loop)"]["measured"] \
+        == "21.00 / 25.00"

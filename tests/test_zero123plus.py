@@ -260,3 +260,39 @@ def test_reconstruct_reads_zero123plus_cameras(pipe):
         resized = pipe.reconstruct(F.interpolate(views[0], size=48, mode="bilinear").unsqueeze(0))
     torch.testing.assert_close(planes, expected)
     assert resized.shape == planes.shape
+
+
+def test_the_published_component_sizes_have_the_published_parameter_counts():
+    from accelerate import init_empty_weights
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel, CLIPVisionConfig, CLIPVisionModelWithProjection
+
+    from recon3d.models.mvdream import SD_VAE_CONFIG
+    from recon3d.models.zero123plus import PUBLISHED_TEXT, PUBLISHED_UNET, PUBLISHED_VISION
+
+    with init_empty_weights():
+        modules = {"unet": UNet2DConditionModel(**PUBLISHED_UNET), "vae": AutoencoderKL(**SD_VAE_CONFIG),
+                   "text": CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **PUBLISHED_TEXT)),
+                   "vision": CLIPVisionModelWithProjection(CLIPVisionConfig(**PUBLISHED_VISION))}
+    counts = {name: sum(p.numel() for p in module.parameters()) for name, module in modules.items()}
+    assert counts == {"unet": 865_910_724, "vae": 83_653_863, "text": 340_387_840, "vision": 632_076_800}
+
+
+def test_image_to_3d_through_zero123plus_views_is_one_seed_of_the_sampler(pipe, tmp_path):
+    from recon3d.pipelines.image_to_3d import ImageTo3DOptions, ImageTo3DResult
+    from recon3d.pipelines.multiview_sample import ViewsImageTo3D
+
+    job = ViewsImageTo3D(pipe, steps=3)
+    options = ImageTo3DOptions(mesh_resolution=64, foreground_ratio=0.85)
+    events = list(job.run(photo(), options))
+    result = events[-1].result
+    assert isinstance(result, ImageTo3DResult) and result.processed_image.size == (320, 320)
+    alone = run(pipe, seeds=[ViewsImageTo3D.SEED], steps=3)[-1].result[0]  # the sampler's, seed 42
+    torch.testing.assert_close(result.planes, alone.planes, atol=1e-5, rtol=1e-5)
+    assert result.stats["faces"] == len(result.mesh.faces) > 0 and result.stats["field_queries"] > 0
+    assert set(result.timings) == {"preprocess", "views, reconstruction and mesh"}
+    extras = __import__("pygltflib").GLTF2().load(str(result.save_glb(tmp_path / "one.glb"))).asset.extras
+    assert extras["method"].endswith("(Image to 3D, one seed)") and extras["seed"] == 42 and extras["steps"] == 3
+    assert ViewsImageTo3D(pipe).steps == 75  # InstantMesh's setting by default
+    frames = result.render_turntable(frames=2, size=32)
+    assert len(frames) == 2 and frames[0].size == (32, 32)

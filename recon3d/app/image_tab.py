@@ -1,4 +1,5 @@
-"""The Image to 3D tab (LRM): one photo in, the processed input, a viewer, the GLB and the time each stage took."""
+"""The Image to 3D tab (LRM, or InstantMesh on Zero123++'s views): one photo in, the processed input, a viewer, the
+GLB and the time each stage took."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ from pathlib import Path
 
 import gradio as gr
 
-from ..checkpoints import DEFAULT_LRM, OPENLRM_LICENCE
+from ..checkpoints import DEFAULT_LRM, OPENLRM_LICENCE, ZERO123PLUS_LICENCE
 from ..images import FOREGROUND_RATIO
 from ..mesh import RESOLUTION, default_resolution
 from ..mesh import FLOATER_FRACTION
@@ -22,9 +23,10 @@ RANDOM_NOTE = "\n\n**Random weights: this mesh is meaningless.**"
 
 
 def intro(sessions: Sessions) -> str:
-    return (f"LRM (Hong et al., ICLR 2024) with the OpenLRM v1.1 weights, licensed **{OPENLRM_LICENCE}**. Your "
-            f"files are private to this browser tab and deleted when you close it (API calls: after "
-            f"{sessions.ttl_s / 60:g} minutes).")
+    return (f"LRM (Hong et al., ICLR 2024) with the OpenLRM v1.1 weights, licensed **{OPENLRM_LICENCE}**; or "
+            f"InstantMesh's reconstructor reading six views that Zero123++ v1.2 imagines from the photo (one seed; "
+            f"Zero123++ weights {ZERO123PLUS_LICENCE}). Your files are private to this browser tab and deleted when "
+            f"you close it (API calls: after {sessions.ttl_s / 60:g} minutes).")
 
 
 def timings_table(outputs: ImageOutputs) -> str:

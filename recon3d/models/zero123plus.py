@@ -262,20 +262,35 @@ def _replacement_unet(root: Path, unet: str | Path, source: str, offline: bool |
     return model
 
 
-# ----------------------------------------------------------------------------- tiny random parts
+# ----------------------------------------------------------------------------- random parts
 
-TINY_UNET = dict(sample_size=16, in_channels=4, out_channels=4, layers_per_block=1,
-                 block_out_channels=[32, 32, 32, 32], attention_head_dim=[2, 2, 2, 2], cross_attention_dim=32,
-                 down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
-                 up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3, use_linear_projection=True)
+# The published components' sizes (sudo-ai/zero123plus-v1.2; parameter counts 865,910,724 / 83,653,863 /
+# 340,387,840 / 632,076,800, checked in the tests): for benchmarks with random weights.
+PUBLISHED_UNET = dict(sample_size=96, in_channels=4, out_channels=4, layers_per_block=2,
+                      block_out_channels=[320, 640, 1280, 1280], attention_head_dim=[5, 10, 20, 20],
+                      cross_attention_dim=1024, use_linear_projection=True,
+                      down_block_types=["CrossAttnDownBlock2D"] * 3 + ["DownBlock2D"],
+                      up_block_types=["UpBlock2D"] + ["CrossAttnUpBlock2D"] * 3)
+PUBLISHED_TEXT = dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
+                      projection_dim=1024)  # OpenCLIP ViT-H's text tower, as SD2's
+PUBLISHED_VISION = dict(hidden_size=1280, intermediate_size=5120, num_hidden_layers=32, num_attention_heads=16,
+                        image_size=224, patch_size=14, projection_dim=1024)  # CLIP ViT-H/14
+PUBLISHED_SIZES = {"clip": 224, "vae": 512}  # the image processors' input sizes
+TINY_UNET = dict(PUBLISHED_UNET, sample_size=16, layers_per_block=1, block_out_channels=[32, 32, 32, 32],
+                 attention_head_dim=[2, 2, 2, 2], cross_attention_dim=32)
+TINY_TEXT = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, projection_dim=32)
+TINY_VISION = dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2, image_size=32,
+                   patch_size=8, projection_dim=32)
+TINY_SIZES = {"clip": 32, "vae": 64}
 PUBLISHED_SCHEDULER = dict(num_train_timesteps=1000, beta_start=0.00085, beta_end=0.012, beta_schedule="linear",
                            prediction_type="v_prediction", steps_offset=1, timestep_spacing="linspace")
 TINY_VIEW_SIZE = 32  # tiny pipelines make 32 px views (a 96 x 64 grid)
 
 
-def random_zero123plus_parts(seed: int = 0, tokenizer_folder=None) -> Zero123PlusParts:
-    """A tiny Zero123++ with random weights (every draw from one seeded generator): the published structure at a
-    fraction of the width, for tests and the --random-weights demo."""
+def random_zero123plus_parts(seed: int = 0, tokenizer_folder=None, published: bool = False) -> Zero123PlusParts:
+    """Zero123++ with random weights (every draw from one seeded generator): a tiny one (the published structure
+    at a fraction of the width) for tests and the --random-weights demo, or the published sizes (``published``)
+    for benchmarks."""
     import tempfile
 
     from accelerate import init_empty_weights
@@ -284,33 +299,29 @@ def random_zero123plus_parts(seed: int = 0, tokenizer_folder=None) -> Zero123Plu
                               CLIPVisionModelWithProjection)
 
     from ..noise import seeded
-    from .mvdream import TINY_VAE_CONFIG, tiny_tokenizer
+    from .mvdream import SD_VAE_CONFIG, TINY_VAE_CONFIG, tiny_tokenizer
     from .random_init import randomize_
 
+    unet_config, vae_config, text, vision, sizes = ((PUBLISHED_UNET, SD_VAE_CONFIG, PUBLISHED_TEXT, PUBLISHED_VISION,
+                                                     PUBLISHED_SIZES) if published else
+                                                    (TINY_UNET, TINY_VAE_CONFIG, TINY_TEXT, TINY_VISION, TINY_SIZES))
     generator = seeded(seed)
-    with init_empty_weights():
-        unet = UNet2DConditionModel(**TINY_UNET)
-        vae = AutoencoderKL(**TINY_VAE_CONFIG)
-    unet, vae = randomize_(unet, generator), randomize_(vae, generator)
     tokenizer = tiny_tokenizer(tokenizer_folder or tempfile.mkdtemp(prefix="recon3d-tokenizer-"))
-    text_config = CLIPTextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
-                                 num_attention_heads=2, max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id,
-                                 projection_dim=32)
-    vision_config = CLIPVisionConfig(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
-                                     image_size=32, patch_size=8, projection_dim=32)
+    text_config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
+                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **text)
     with init_empty_weights():
-        text_encoder, vision_encoder = CLIPTextModel(text_config), CLIPVisionModelWithProjection(vision_config)
-    text_encoder, vision_encoder = randomize_(text_encoder, generator), randomize_(vision_encoder, generator)
-    clip_processor = CLIPImageProcessorPil(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
-                                        resample=3)  # bicubic, CLIP's mean and std (its defaults)
-    vae_processor = CLIPImageProcessorPil(size={"shortest_edge": 64}, crop_size={"height": 64, "width": 64}, resample=2,
-                                       image_mean=[0.5] * 3, image_std=[0.8] * 3)
+        modules = (UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config), CLIPTextModel(text_config),
+                   CLIPVisionModelWithProjection(CLIPVisionConfig(**vision)))
+    unet, vae, text_encoder, vision_encoder = (randomize_(module, generator).eval() for module in modules)
+    clip_processor = CLIPImageProcessorPil(size={"shortest_edge": sizes["clip"]}, resample=3,  # bicubic, CLIP stats
+                                           crop_size={"height": sizes["clip"], "width": sizes["clip"]})
+    vae_processor = CLIPImageProcessorPil(size={"shortest_edge": sizes["vae"]}, resample=2, image_mean=[0.5] * 3,
+                                          crop_size={"height": sizes["vae"], "width": sizes["vae"]}, image_std=[0.8] * 3)
     ramping = randn_tensor((77,), generator).abs() / 2
     bank = install_reference_attention(unet)
-    return Zero123PlusParts(unet.eval(), vae.eval(), text_encoder.eval(), tokenizer, vision_encoder.eval(),
-                            clip_processor, vae_processor, trailing(PUBLISHED_SCHEDULER), ramping,
-                            f"random weights (seed {seed})", f"random weights (seed {seed})", WHITE_BACKGROUND, bank)
+    name = f"random weights (seed {seed})"
+    return Zero123PlusParts(unet, vae, text_encoder, tokenizer, vision_encoder, clip_processor, vae_processor,
+                            trailing(PUBLISHED_SCHEDULER), ramping, name, name, WHITE_BACKGROUND, bank)
 
 
 def model_index(ramping: torch.Tensor) -> dict:

@@ -159,10 +159,21 @@ class MultiViewSample3D:
             cancel: CancelToken = NEVER) -> Iterator[Event]:
         options = (options or MultiViewOptions()).resolved(self.device)
         yield Stage(name="preprocess", fraction=0.0, message="Preparing the image")
-        remover = self.background_remover if options.remove_background else None
-        prepared = prepare_image(image, VIEW_SIZE, options.foreground_ratio, remover)
+        prepared = self.prepare(image, options)
         for note in prepared.notes:
             yield Note(fraction=0.0, message=note)
+        yield from self.sample_prepared(prepared, options, cancel)
+
+    def prepare(self, image: ImageInput, options: MultiViewOptions) -> PreparedImage:
+        """The input as Zero123++ reads it: background removed (when asked and needed), recentred, 320 px."""
+        remover = self.background_remover if options.remove_background else None
+        return prepare_image(image, VIEW_SIZE, options.foreground_ratio, remover)
+
+    @torch.no_grad()
+    def sample_prepared(self, prepared: PreparedImage, options: MultiViewOptions,
+                        cancel: CancelToken = NEVER) -> Iterator[Event]:
+        """The job after :meth:`prepare`: previews, a :class:`SampleReady` per seed, :class:`Finished`."""
+        options = options.resolved(self.device)
         condition = on_background(prepared, self.prior.background)
         batches = [options.seeds[i:i + options.batch_size] for i in range(0, len(options.seeds), options.batch_size)]
         total, done, samples = len(options.seeds), 0, []
@@ -182,10 +193,10 @@ class MultiViewSample3D:
             planes = self.reconstruct(views, cancel)
             for index, seed in enumerate(batch):
                 cancel.check()
-                mesh, note = self._mesh(planes[index:index + 1], options, cancel)
+                mesh, stats, note = self._mesh(planes[index:index + 1], options, cancel)
                 notes = list(prepared.notes) + ([note] if note else [])
                 metadata = self.metadata(seed, options) | ({"notes": notes} if notes else {})
-                sample = Sample(seed, planes[index:index + 1].float().cpu(), views[index].cpu(), mesh, metadata)
+                sample = Sample(seed, planes[index:index + 1].float().cpu(), views[index].cpu(), mesh, metadata, stats)
                 samples.append(sample)
                 yield SampleReady(fraction=(done + 0.8 * len(batch) + 0.2 * (index + 1)) / total,
                                   message=f"Seed {seed} done", sample=sample)
@@ -254,12 +265,17 @@ class MultiViewSample3D:
                            self.view_size, self.view_size, settings)["rgb"]  # (B, 6, s, s, 3)
         return rgb.permute(0, 1, 4, 2, 3).clamp(0, 1)
 
-    def _mesh(self, planes: torch.Tensor, options: MultiViewOptions, cancel: CancelToken) -> tuple[Mesh, str | None]:
+    def _mesh(self, planes: torch.Tensor, options: MultiViewOptions,
+              cancel: CancelToken) -> tuple[Mesh, dict, str | None]:
+        """The mesh at InstantMesh's level 10 (an automatic one for random weights, or when a sample has no
+        surface there), its numbers, and a note when the level had to change."""
         level = None if self.random_weights else self.reconstructor.iso_level
         settings = MeshSettings(resolution=options.mesh_resolution, level=level,
                                 min_part_fraction=1.0 if self.random_weights else FLOATER_FRACTION)
-        mesh, _, note = extract_mesh_or_fallback(self.reconstructor.field(planes), settings, cancel=cancel)
-        return mesh, note
+        mesh, grid, note = extract_mesh_or_fallback(self.reconstructor.field(planes), settings, cancel=cancel)
+        stats = {"vertices": len(mesh.vertices), "faces": len(mesh.faces), "field_queries": grid.queries,
+                 "dense_queries": options.mesh_resolution ** 3}
+        return mesh, stats, note
 
     @staticmethod
     def views_image(sample: Sample) -> Image.Image:
@@ -296,4 +312,54 @@ def on_background(prepared: PreparedImage, grey: float) -> Image.Image:
     return Image.fromarray((out.permute(1, 2, 0).clamp(0, 1) * 255 + 0.5).byte().numpy(), "RGB")
 
 
-__all__ = ["INSTANT_NERF_LARGE", "MultiViewOptions", "MultiViewSample3D", "StepState"]
+class ViewsImageTo3D:
+    """Image to 3D through Zero123++'s views: one seed (InstantMesh's 42) of a :class:`MultiViewSample3D`, run as
+    an Image to 3D job (``run(image, ImageTo3DOptions)`` -> events, :class:`Finished` with an
+    :class:`~recon3d.pipelines.image_to_3d.ImageTo3DResult`). The foreground ratio, background removal and mesh
+    resolution apply; the LRM's camera distance and density threshold do not (InstantMesh meshes at 10)."""
+
+    SEED = 42
+
+    def __init__(self, sampler: MultiViewSample3D, steps: int = MultiViewOptions.steps):
+        self.sampler, self.steps = sampler, steps
+
+    @property
+    def random_weights(self) -> bool:
+        return self.sampler.random_weights
+
+    @property
+    def device(self) -> torch.device:
+        return self.sampler.device
+
+    @torch.no_grad()
+    def run(self, image: ImageInput, options=None, cancel: CancelToken = NEVER) -> Iterator[Event]:
+        import time
+
+        from .image_to_3d import ImageTo3DOptions, ImageTo3DResult
+
+        options = (options or ImageTo3DOptions()).resolved(self.device)
+        views = MultiViewOptions(seeds=[self.SEED], steps=self.steps, foreground_ratio=options.foreground_ratio,
+                                 remove_background=options.remove_background,
+                                 mesh_resolution=options.mesh_resolution).resolved(self.device)
+        timings, start = {}, time.perf_counter()
+        yield Stage(name="preprocess", fraction=0.0, message="Preparing the image")
+        prepared = self.sampler.prepare(image, views)
+        timings["preprocess"] = time.perf_counter() - start
+        sample, start = None, time.perf_counter()
+        for event in self.sampler.sample_prepared(prepared, views, cancel):
+            if isinstance(event, SampleReady):
+                sample = event.sample
+                timings["views, reconstruction and mesh"] = time.perf_counter() - start
+            elif not isinstance(event, Finished):
+                yield event
+        nerf = self.sampler.reconstructor
+        samples_per_ray = nerf.config.rendering_samples_per_ray
+        field_ = nerf.field(sample.planes.to(self.device, self.sampler.dtype))
+        metadata = sample.metadata | {"method": f"{METHOD} (Image to 3D, one seed)"}
+        result = ImageTo3DResult(prepared, sample.planes, sample.mesh, field_, timings, sample.stats,
+                                 list(sample.metadata.get("notes", [])),
+                                 RenderSettings(samples_per_ray // 2, samples_per_ray // 2), VIEW_SIZE, metadata)
+        yield Finished(fraction=1.0, message=f"{len(sample.mesh.faces):,} triangles", result=result)
+
+
+__all__ = ["INSTANT_NERF_LARGE", "MultiViewOptions", "MultiViewSample3D", "StepState", "ViewsImageTo3D"]

@@ -113,6 +113,7 @@ class Sample:
     views: torch.Tensor  # (V, 3, H, W) in [0, 1]: the last step's x0
     mesh: Mesh
     metadata: dict  # how it was made (method, checkpoint, seed, steps, version): goes into the GLB
+    stats: dict = field(default_factory=dict)  # the mesh's numbers (faces, vertices, field queries), when kept
 
     def save_glb(self, path: str | Path) -> Path:
         return self.mesh.save_glb(path, extras=self.metadata)
