@@ -175,13 +175,19 @@ class GridField(Field):
 
 
 class NeuralTriplaneField(torch.nn.Module, Field):
-    """One object to optimise (score distillation): learnable planes (1, 3, C, R, R) read with
-    :func:`sample_triplane`, a small MLP to raw density and colour, a density "blob" bias near the centre and a
-    softplus density, sigmoid colour. Pure PyTorch (``grid_sample``), differentiable, float32.
+    """One object to optimise (score distillation): learnable planes read with :func:`sample_triplane`, a small
+    MLP to raw density and colour, a density "blob" bias near the centre and a softplus density, sigmoid colour.
+    Pure PyTorch (``grid_sample``), differentiable, float32.
 
     Why a triplane: it holds 3 C R^2 numbers instead of a dense grid's C R^3, so at the same memory it resolves
     far finer detail, its bilinear reads are one ``grid_sample`` call, and the shared MLP smooths what SDS's noisy
     gradients write into neighbouring texels (measured against a dense grid: bench/sds_field.py).
+
+    Levels: with ``levels`` L > 1 the field holds L triplanes of C channels each, from ``resolution / 2^(L-1)``
+    up to ``resolution`` (each twice the one before), and the MLP reads their features side by side, as a hash
+    grid's levels are read (the reference's field: 16 levels up to 4096). Coarse levels give every point a smooth
+    shape that SDS's early, noisy gradients can move as a whole; fine levels add the detail that a single coarse
+    plane cannot hold and that a single fine plane learns only slowly (each texel sees few gradients).
 
     The blob, ``blob_density * (1 - |x| / blob_radius)`` added to the raw density (MVDream's "magic3d" blob: +10
     at the centre, 0 at |x| = 0.5, negative beyond), starts every run from a soft ball at the centre with empty
@@ -192,17 +198,28 @@ class NeuralTriplaneField(torch.nn.Module, Field):
     """
 
     def __init__(self, generator: torch.Generator, resolution: int = 128, channels: int = 16, hidden: int = 64,
-                 blob_density: float = 10.0, blob_radius: float = 0.5, iso_level: float | None = 25.0):
+                 blob_density: float = 10.0, blob_radius: float = 0.5, iso_level: float | None = 25.0,
+                 levels: int = 1):
         torch.nn.Module.__init__(self)
-        self.planes = torch.nn.Parameter(0.1 * randn_tensor((1, 3, channels, resolution, resolution), generator))
-        self.hidden = torch.nn.Parameter(randn_tensor((3 * channels, hidden), generator) / (3 * channels) ** 0.5)
+        if levels < 1 or resolution >> (levels - 1) < 2:
+            raise ValueError(f"{levels} levels up to {resolution} leave a coarsest plane under 2 texels")
+        sizes = [resolution >> (levels - 1 - level) for level in range(levels)]  # coarse to fine
+        self.levels = torch.nn.ParameterList(
+            torch.nn.Parameter(0.1 * randn_tensor((1, 3, channels, size, size), generator)) for size in sizes)
+        inputs = 3 * channels * levels
+        self.hidden = torch.nn.Parameter(randn_tensor((inputs, hidden), generator) / inputs ** 0.5)
         self.hidden_bias = torch.nn.Parameter(torch.zeros(hidden))
         self.out = torch.nn.Parameter(randn_tensor((hidden, 4), generator) / hidden ** 0.5)
         self.out_bias = torch.nn.Parameter(torch.zeros(4))
         self.blob_density, self.blob_radius, self.iso_level = blob_density, blob_radius, iso_level
 
+    @property
+    def planes(self) -> torch.nn.Parameter:
+        """The finest level's planes (1, 3, C, R, R)."""
+        return self.levels[-1]
+
     def grid_parameters(self) -> list[torch.nn.Parameter]:
-        return [self.planes]
+        return list(self.levels)
 
     def decoder_parameters(self) -> list[torch.nn.Parameter]:
         return [self.hidden, self.hidden_bias, self.out, self.out_bias]
@@ -217,7 +234,7 @@ class NeuralTriplaneField(torch.nn.Module, Field):
 
     def query(self, points: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         points = points.to(self.device, torch.float32)
-        features = sample_triplane(self.planes, points)  # (1, P, 3C)
+        features = torch.cat([sample_triplane(planes, points) for planes in self.levels], -1)  # (1, P, 3CL)
         raw = F.silu(features @ self.hidden + self.hidden_bias) @ self.out + self.out_bias  # (1, P, 4)
         blob = self.blob_density * (1 - points.norm(dim=-1, keepdim=True) / self.blob_radius)
         return F.softplus(raw[..., :1] + blob), torch.sigmoid(raw[..., 1:])

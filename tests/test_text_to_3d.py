@@ -20,7 +20,7 @@ from recon3d.pipelines.text_to_3d import TextTo3D, TextTo3DOptions, distill_to_m
 from recon3d.render import RenderSettings, render_views
 
 TINY = SDSOptions(steps=4, low_resolution=32, high_resolution=32, field_resolution=32, field_channels=8,
-                  coarse_samples=24, fine_samples=8, preview_size=32, preview_seconds=0.0, mesh_resolution=64)
+                  field_levels=1, coarse_samples=24, fine_samples=8, preview_size=32, preview_seconds=0.0, mesh_resolution=64)
 
 
 def read_extras(path):
@@ -428,3 +428,30 @@ def test_previews_come_every_n_steps_at_most_every_few_seconds():
     assert due == [1, 10, 20, 30, 40, 50, 60, 70, 80, 90, 100]
     assert not preview_due(options, 20, since_last=1.0) and preview_due(options, 100, since_last=0.0)
     assert for_device(options, "cpu").preview_every == 1 and for_device(options, "cuda").preview_every == 10
+
+
+def test_the_field_has_levels_on_a_gpu_and_one_plane_within_the_cpu_budget():
+    from recon3d.field import NeuralTriplaneField
+    from recon3d.pipelines.sds import CPU_FIELD, field_size, for_device
+
+    recipe = SDSOptions()
+    assert (recipe.field_resolution, recipe.field_channels, recipe.field_levels) == (512, 8, 4)
+    assert for_device(recipe, "cuda") == recipe
+    cpu = for_device(recipe, "cpu")
+    assert {k: getattr(cpu, k) for k in CPU_FIELD} == CPU_FIELD
+    assert {k: getattr(for_device(TINY, "cpu"), k) for k in CPU_FIELD} == \
+        {"field_resolution": 32, "field_channels": 8, "field_levels": 1}  # already smaller: kept
+    assert field_size(recipe) == 3 * 8 * (64 ** 2 + 128 ** 2 + 256 ** 2 + 512 ** 2)
+
+    levels = NeuralTriplaneField(torch.Generator().manual_seed(0), 32, 4, levels=3)
+    assert [tuple(p.shape) for p in levels.grid_parameters()] == [(1, 3, 4, 8, 8), (1, 3, 4, 16, 16), (1, 3, 4, 32, 32)]
+    assert levels.planes.shape == (1, 3, 4, 32, 32) and levels.hidden.shape[0] == 3 * 4 * 3
+    density, rgb = levels.query(torch.rand(1, 64, 3) * 2 - 1)
+    (density.sum() + rgb.sum()).backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in levels.grid_parameters())  # every level learns
+    one = NeuralTriplaneField(torch.Generator().manual_seed(0), 32, 4)
+    again = NeuralTriplaneField(torch.Generator().manual_seed(0), 32, 4, levels=1)
+    points = torch.rand(1, 16, 3, generator=torch.Generator().manual_seed(1)) * 2 - 1
+    torch.testing.assert_close(one.query(points), again.query(points))
+    with pytest.raises(ValueError, match="leave a coarsest plane under 2 texels"):
+        NeuralTriplaneField(torch.Generator().manual_seed(0), 8, 4, levels=4)

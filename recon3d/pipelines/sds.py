@@ -79,8 +79,13 @@ class SDSOptions:
     weight_decay: float = 0.01  # (AdamW's default, which the published run keeps)
     learn_background: bool = True  # False: white behind the object (the analytic test prior renders on white)
     random_background_probability: float = 0.5
-    field_resolution: int = 128
-    field_channels: int = 16
+    # the field: 4 triplanes of 8 channels, 64^2 to 512^2 (the CPU budget: one 128^2 x 16 plane). Chosen with
+    # bench/sds_field.py --capacity (bench/results/sds-capacity-cpu.json): toward a detailed target it gained 1.9 dB
+    # of held-out PSNR over the single 128^2 plane at 200 steps, at 1.8x the seconds per step on a CPU, where the
+    # field is most of a step; on a GPU the UNet is, so quality per step decides there (GPU figures: not yet)
+    field_resolution: int = 512  # the finest plane's
+    field_channels: int = 8  # per level
+    field_levels: int = 4  # planes from field_resolution / 2^(levels - 1) up to field_resolution
     coarse_samples: int = 64
     fine_samples: int = 32
     chunk_rays: int = 16384
@@ -115,17 +120,30 @@ PRESETS = {
 }
 
 
+CPU_FIELD = {"field_resolution": 128, "field_channels": 16, "field_levels": 1}  # one plane: the CPU budget's field
+
+
+def field_size(options: SDSOptions | dict) -> int:
+    """Learnable plane values of a recipe's field: 3 C sum over levels of R_k^2."""
+    get = options.get if isinstance(options, dict) else lambda name: getattr(options, name)
+    resolution, levels = get("field_resolution"), get("field_levels")
+    return 3 * get("field_channels") * sum((resolution >> (levels - 1 - k)) ** 2 for k in range(levels))
+
+
 def for_device(options: SDSOptions, device: torch.device | str) -> SDSOptions:
     """The recipe as run on ``device`` (the device budget). On a CPU, where rendering and its backward pass take
     most of a 256 px step (bench/sds.py), the second phase renders at most 128 px (still resized to the encoder's
-    256), rays take at most 32 + 16 samples, and previews and meshes are at most 64 px and 128^3; the schedule,
-    losses and cameras are unchanged. Budgets only lower values, so a recipe already smaller is kept."""
+    256), rays take at most 32 + 16 samples, previews and meshes are at most 64 px and 128^3, and a field larger
+    than one 128^2 x 16 triplane becomes that one (the multi-level field costs 1.8x per step there:
+    bench/sds_field.py --capacity); the schedule, losses and cameras are unchanged. Budgets only lower values, so
+    a recipe already smaller is kept."""
     if torch.device(device).type != "cpu":
         return options
+    field = CPU_FIELD if field_size(options) > field_size(CPU_FIELD) else {}
     return replace(options, high_resolution=min(options.high_resolution, 128),
                    coarse_samples=min(options.coarse_samples, 32), fine_samples=min(options.fine_samples, 16),
                    preview_size=min(options.preview_size, 64), mesh_resolution=min(options.mesh_resolution, 128),
-                   preview_every=1)  # a CPU step takes minutes: show every one
+                   preview_every=1, **field)  # a CPU step takes minutes: show every one
 
 
 def timestep_range(options: SDSOptions, step: int) -> tuple[float, float]:
@@ -215,7 +233,8 @@ def render_batch(state: SDSState, options: SDSOptions, step: int, generator: tor
 
 
 def new_state(options: SDSOptions, generator: torch.Generator, device: torch.device | str) -> SDSState:
-    field_ = NeuralTriplaneField(generator, options.field_resolution, options.field_channels).to(device)
+    field_ = NeuralTriplaneField(generator, options.field_resolution, options.field_channels,
+                                 levels=options.field_levels).to(device)
     # the millions of ray-jitter draws per step come from a generator on the device (seeded from ``generator``),
     # so a GPU does not wait for the CPU; cameras, t and noise stay on ``generator``
     return SDSState(field_, BackgroundNetwork(generator).to(device), render_generator=derived(generator, device))
