@@ -546,8 +546,18 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def quiet_libraries() -> None:
+    """diffusers and transformers report routine steps (a cast, loading shards) as warnings and progress bars that
+    would bury the CLI's own lines; before they are imported, ask them for errors only (a user's setting wins)."""
+    import os
+
+    for variable in ("DIFFUSERS_VERBOSITY", "TRANSFORMERS_VERBOSITY"):
+        os.environ.setdefault(variable, "error")
+
+
 def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.ERROR)
+    quiet_libraries()
     args = build_parser().parse_args(argv)
     command = COMMANDS[args.command]
     try:

@@ -512,9 +512,12 @@ def test_samples_tab_refuses_bad_seeds_counts_and_steps_in_one_line(app_url):
 
 
 def test_real_browser_shows_samples_side_by_side_with_a_live_preview(app_url, tmp_path):
+    """With the default model of a --random-weights server: the tiny Zero123++ -> InstantMesh pair."""
     with browser_page(app_url, 1400, 1300) as page:
         page.get_by_role("tab", name="Stochastic samples").click()
         page.wait_for_selector("#samples-generate", timeout=60000)
+        model = page.locator("#samples-model input").input_value()
+        default_steps = page.locator("#samples-steps input").input_value()
         page.locator("#samples-image input[type=file]").set_input_files(str(ROOT / "examples" / "duck.png"))
         page.locator("#samples-seeds textarea").fill("1, 2, 3")
         page.locator("#samples-steps input").fill("4")
@@ -528,7 +531,13 @@ def test_real_browser_shows_samples_side_by_side_with_a_live_preview(app_url, tm
         page.locator("#samples-comparison img").wait_for(state="visible", timeout=60000)
         captions = [page.inner_text(f"#sample-caption-{index}") for index in range(3)]
         hidden = page.locator("#sample-caption-3").count() + page.locator("#sample-file-3").count()
+        views = [page.locator(f"#sample-views-{index} img") for index in range(3)]
+        for image in views:
+            image.wait_for(state="visible", timeout=30000)  # each sample's six generated views
+        view_sizes = [image.evaluate("img => [img.naturalWidth, img.naturalHeight]") for image in views]
         page.screenshot(path=str(tmp_path / "samples.png"))
+    assert model == RANDOM_INSTANTMESH and default_steps == "75"  # the pair is the default, with its own steps
+    assert view_sizes == [[64, 96]] * 3  # 3 rows x 2 columns of the tiny model's 32 px views
     assert all(shows_mesh(centre) for centre in centres), "a sample's viewer shows no mesh"
     assert [caption.split()[:2] for caption in captions] == [["Seed", "1"], ["Seed", "2"], ["Seed", "3"]]
     assert hidden == 0  # the fourth slot shows no seed and no file
