@@ -280,9 +280,11 @@ def verdicts(report: dict) -> list[dict]:
             record["loop_step_s"], FIGURE, None)
         effect = multiview.get("loop_effect")
         if effect and "skipped" not in effect:
-            means = {k: sum(v["psnr_db"]) / len(v["psnr_db"]) for k, v in effect.items()}
-            row("Zero123++ -> InstantMesh views vs their reconstruction, PSNR dB (without / with loop)",
-                f"{means['without']:.2f} / {means['with']:.2f}", FIGURE, None)
+            for key, what in (("consistency_psnr_db", "views vs their reconstruction"),
+                              ("input_view_psnr_db", "photo vs the reconstruction from its side")):
+                means = {k: sum(v[key]) / len(v[key]) for k, v in effect.items()}
+                row(f"Zero123++ -> InstantMesh {what}, PSNR dB (without / with loop)",
+                    f"{means['without']:.2f} / {means['with']:.2f}", FIGURE, None)
     return rows
 
 

@@ -235,17 +235,22 @@ def add_sample_command(command: argparse.ArgumentParser) -> None:
                                               "model, trained on procedural shapes only)")
     add_image_options(command)
     command.add_argument("--comparison", action="store_true", help="also write comparison.png: every sample from 4 angles")
-    group = command.add_argument_group("instantmesh")
-    group.add_argument("--diffusion", default=ZERO123PLUS_REPO, help=f"Zero123++ repo id or folder (default {ZERO123PLUS_REPO})")
-    group.add_argument("--unet", default=INSTANTMESH_UNET,
+    group = command.add_argument_group("instantmesh")  # their defaults are filled in by instantmesh_sources()
+    group.add_argument("--diffusion", default=None, help=f"Zero123++ repo id or folder (default {ZERO123PLUS_REPO})")
+    group.add_argument("--unet", default=None,
                        help=f"replacement UNet state dict, file or owner/repo/file (default {INSTANTMESH_UNET}, "
-                            f"white background); 'none' keeps Zero123++'s own (grey background)")
-    group.add_argument("--reconstructor", default=INSTANT_NERF_LARGE,
+                            f"white background); 'none' keeps Zero123++'s own (grey background, which the "
+                            f"reconstructor, trained on white, was not made for)")
+    group.add_argument("--reconstructor", default=None,
                        help=f"InstantMesh NeRF checkpoint, file or owner/repo/file (default {INSTANT_NERF_LARGE})")
     group.add_argument("--reconstructor-config", default=None,
                        help="its InstantMesh config yaml (needed when the file name says neither base nor large)")
     group.add_argument("--guidance", type=float, default=None, help=f"default {MultiViewOptions.guidance:g}")
-    group.add_argument("--reconstruct-at", default="", help="steps at which the reconstruction replaces x0, e.g. 20,40")
+    group.add_argument("--reconstruct-at", default=None,
+                       help="steps at which the reconstruction replaces x0, e.g. 20,40")
+
+
+INSTANTMESH_ONLY = ("diffusion", "unet", "reconstructor", "reconstructor_config", "guidance", "reconstruct_at")
 
 
 def parse_steps(text: str) -> tuple[int, ...]:
@@ -263,10 +268,11 @@ def sample_options(args: argparse.Namespace):
     common = dict(seeds=parse_seeds(args.seeds), remove_background=not args.no_remove_background,
                   **given(steps=args.steps, mesh_resolution=args.resolution, foreground_ratio=args.foreground_ratio))
     if args.method == "dmv3d":
-        if args.guidance is not None or args.reconstruct_at:
-            raise ValueError("--guidance and --reconstruct-at are options of --method instantmesh")
+        given_here = [f"--{name.replace('_', '-')}" for name in INSTANTMESH_ONLY if getattr(args, name) is not None]
+        if given_here:
+            raise ValueError(f"{', '.join(given_here)}: options of --method instantmesh")
         return SampleOptions(**common).validate()
-    return MultiViewOptions(**common, reconstruct_at=parse_steps(args.reconstruct_at),
+    return MultiViewOptions(**common, reconstruct_at=parse_steps(args.reconstruct_at or ""),
                             **given(guidance=args.guidance)).validate()
 
 
@@ -292,13 +298,17 @@ def load_sampler(args: argparse.Namespace):
 def load_multiview_sampler(args: argparse.Namespace, device, dtype):
     from .pipelines.multiview_sample import MultiViewSample3D
 
+    from .models.zero123plus import INSTANTMESH_UNET, ZERO123PLUS_REPO
+    from .pipelines.multiview_sample import INSTANT_NERF_LARGE
+
     if args.random_weights:
         say("random weights: the samples are meaningless (a test of the path only)")
         return MultiViewSample3D.random(device=device, dtype=dtype)
-    unet = None if str(args.unet).lower() == "none" else args.unet
-    return MultiViewSample3D.from_pretrained(args.diffusion, unet, args.reconstructor, args.reconstructor_config,
-                                             revision=args.revision, offline=offline_mode(args, args.diffusion),
-                                             device=device, dtype=dtype)
+    diffusion = args.diffusion or ZERO123PLUS_REPO
+    unet = None if str(args.unet).lower() == "none" else (args.unet or INSTANTMESH_UNET)
+    return MultiViewSample3D.from_pretrained(diffusion, unet, args.reconstructor or INSTANT_NERF_LARGE,
+                                             args.reconstructor_config, revision=args.revision,
+                                             offline=offline_mode(args, diffusion), device=device, dtype=dtype)
 
 
 def run_sample(args: argparse.Namespace) -> int:

@@ -20,6 +20,7 @@ from .checkpoints import (DEMO_DMV3D_ID, DEMO_DMV3D_LABEL, INSTANTMESH_ID, INSTA
                           MVDREAM_CHECKPOINTS, OPENLRM_CHECKPOINTS, demo_dmv3d)
 from .hub import CheckpointError, hub_reachable, split_hub_file
 from .models.zero123plus import INSTANTMESH_UNET, ZERO123PLUS_REPO
+from .models.zero123plus import LAYOUT as ZERO123PLUS_LAYOUT
 from .images import views_grid
 from .models.dmv3d import DEMO_CONFIG as DMV3D_DEMO_CONFIG
 from .models.lrm import PUBLISHED_CONFIGS, TINY_LRM_CONFIG
@@ -175,13 +176,17 @@ class ModelService:
         return TextTo3D.from_pretrained(name, device=self.device, dtype=self.dtype, offline=self.offline)
 
 
-def instantmesh_cached() -> bool:
+def instantmesh_cached(cache_dir: str | Path | None = None) -> bool:
     """Whether Zero123++ and InstantMesh's UNet and NeRF are in the local Hub cache (then they are the default)."""
     from huggingface_hub import try_to_load_from_cache
 
-    wanted = [(ZERO123PLUS_REPO, "model_index.json"), split_hub_file(INSTANTMESH_UNET),
-              split_hub_file(INSTANT_NERF_LARGE)]
-    return all(isinstance(try_to_load_from_cache(repo, file), str) for repo, file in wanted)
+    def cached(repo: str, names: tuple[str, ...]) -> bool:  # any of a file's alternative names (formats)
+        return any(isinstance(try_to_load_from_cache(repo, name, cache_dir=cache_dir), str) for name in names)
+
+    zero123plus = [names for names in ZERO123PLUS_LAYOUT if not names[0].startswith("unet/diffusion_pytorch_model")]
+    instantmesh = [split_hub_file(file) for file in (INSTANTMESH_UNET, INSTANT_NERF_LARGE)]
+    return (all(cached(ZERO123PLUS_REPO, names) for names in zero123plus)  # every file the app loads; the UNet is
+            and all(cached(repo, (name,)) for repo, name in instantmesh))  # InstantMesh's
 
 
 @dataclass(kw_only=True)

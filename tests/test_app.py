@@ -469,7 +469,7 @@ def test_image_to_3d_serves_instantmesh_on_zero123plus_views(app_url):
     extras = glb_extras(glb_file)
     assert extras["method"] == "Zero123++ v1.2 -> InstantMesh NeRF (Image to 3D, one seed)"
     assert (extras["seed"], extras["steps"], extras["foreground_ratio"]) == (42, 75, 0.85)
-    assert Image.open(processed).size == (320, 320)
+    assert Image.open(processed).size == (512, 512)
     assert "views, reconstruction and mesh" in timings and "Random weights" in timings
 
 

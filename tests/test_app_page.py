@@ -226,3 +226,7 @@ def test_image_to_3d_offers_instantmesh_on_zero123plus_views_sharing_the_loaded_
     job = service.image_to_3d(RANDOM_INSTANTMESH)
     assert isinstance(job, ViewsImageTo3D) and job.sampler is service.sample_3d(RANDOM_INSTANTMESH)
     assert job.random_weights
+    from recon3d.app.image_tab import foreground_default
+
+    assert foreground_default(RANDOM_INSTANTMESH)["value"] == 0.85
+    assert foreground_default(service.lrm_choices()[0][1])["value"] == 0.8

@@ -62,8 +62,10 @@ def test_verdicts_of_a_full_gpu_run_judge_each_target_and_flag_failures():
                       "projections": {"float16": {"presets": {"fast": {"seconds": 250.0,
                                                                         "preview_interval_seconds": interval}}}}},
               "zero123plus_instantmesh": {"records": [{"seeds": 4, "job_projection_s": 41.0, "loop_step_s": 0.4}],
-                                          "loop_effect": {"without": {"psnr_db": [20.0, 22.0]},
-                                                          "with": {"psnr_db": [24.0, 26.0]}}}}
+                                          "loop_effect": {"without": {"consistency_psnr_db": [20.0, 22.0],
+                                                                      "input_view_psnr_db": [15.0, 15.0]},
+                                                          "with": {"consistency_psnr_db": [24.0, 26.0],
+                                                                   "input_view_psnr_db": [14.0, 15.0]}}}}
     verdict = {row["check"]: row["verdict"] for row in gpu.verdicts(report)}
     assert verdict["LRM base 256^3 float32 image -> GLB seconds"] == "met"
     assert verdict["LRM base 256^3 float16 image -> GLB seconds"] == "MISSED"
@@ -79,3 +81,5 @@ def test_verdicts_of_a_full_gpu_run_judge_each_target_and_flag_failures():
     assert verdict["Zero123++ -> InstantMesh 4 seeds x 75 steps + meshes, projected seconds"] == "MISSED"  # 41 s > 30
     assert rows["Zero123++ -> InstantMesh views vs their reconstruction, PSNR dB (without / with loop)"]["measured"] \
         == "21.00 / 25.00"
+    assert rows["Zero123++ -> InstantMesh photo vs the reconstruction from its side, PSNR dB (without / with loop)"][
+        "measured"] == "15.00 / 14.50"

@@ -285,5 +285,6 @@ def test_a_pickle_that_needs_code_is_refused_with_the_conversion_command(tmp_pat
 
     # the command works (run here on our own, trusted file) and its output loads as far as the tensors go
     subprocess.run([sys.executable, "-c", command.split('-c "', 1)[1].rstrip('"')], check=True, cwd=tmp_path)
+    assert (tmp_path / "unsafe.safetensors").is_file()
     with pytest.raises(CheckpointError, match="missing"):
         InstantNeRF.from_pretrained(tmp_path / "unsafe.safetensors", config=TINY_INSTANT_NERF_CONFIG)

@@ -286,7 +286,8 @@ def test_image_to_3d_through_zero123plus_views_is_one_seed_of_the_sampler(pipe, 
     options = ImageTo3DOptions(mesh_resolution=64, foreground_ratio=0.85)
     events = list(job.run(photo(), options))
     result = events[-1].result
-    assert isinstance(result, ImageTo3DResult) and result.processed_image.size == (320, 320)
+    assert isinstance(result, ImageTo3DResult) and result.processed_image.size == (512, 512)  # the VAE's size
+    assert not any(isinstance(event, Preview) for event in events)  # no preview is decoded for Image to 3D
     alone = run(pipe, seeds=[ViewsImageTo3D.SEED], steps=3)[-1].result[0]  # the sampler's, seed 42
     torch.testing.assert_close(result.planes, alone.planes, atol=1e-5, rtol=1e-5)
     assert result.stats["faces"] == len(result.mesh.faces) > 0 and result.stats["field_queries"] > 0
@@ -296,3 +297,73 @@ def test_image_to_3d_through_zero123plus_views_is_one_seed_of_the_sampler(pipe, 
     assert ViewsImageTo3D(pipe).steps == 75  # InstantMesh's setting by default
     frames = result.render_turntable(frames=2, size=32)
     assert len(frames) == 2 and frames[0].size == (32, 32)
+
+
+def test_the_pair_counts_as_present_only_when_every_file_the_app_loads_is_cached(parts, tmp_path):
+    from recon3d.service import instantmesh_cached
+
+    cache = tmp_path / "hub"
+    layout = write_zero123plus_layout(parts, tmp_path / "zero123plus")
+    (layout / "unet" / "diffusion_pytorch_model.safetensors").unlink()  # the app uses InstantMesh's UNet weights
+    place_in_hub_cache(layout, "sudo-ai/zero123plus-v1.2", cache)
+    instantmesh = tmp_path / "instantmesh"
+    write_unet_state_dict(parts.unet, instantmesh / "diffusion_pytorch_model.bin")
+    assert not instantmesh_cached(cache)  # no NeRF yet
+    (instantmesh / "instant_nerf_large.ckpt").write_bytes(b"stand-in")
+    place_in_hub_cache(instantmesh, "TencentARC/InstantMesh", cache)
+    assert instantmesh_cached(cache)
+    (cache / "models--sudo-ai--zero123plus-v1.2" / "snapshots" / "0123456789abcdef0123456789abcdef01234567" / "vae" /
+     "diffusion_pytorch_model.safetensors").unlink()
+    assert not instantmesh_cached(cache)
+
+
+def test_each_step_is_the_references_arithmetic_from_the_seeds_own_draws(pipe, monkeypatch):
+    """The clean estimate is the scheduler's own, the guidance is CFG on the two branches, and the condition is
+    noised to the step as ``(cond + sigma eps) / sqrt(sigma^2 + 1)`` with eps the seed's next draws."""
+    options = MultiViewOptions(seeds=[4], steps=2, guidance=3.0).resolved("cpu")
+    condition = photo().convert("RGB")
+    calls, estimates, sigmas = [], [], []
+    predict, make_scheduler = pipe.predict_v, pipe.prior.scheduler
+
+    def recording_predict(sample, t, embeds, cond):
+        v = predict(sample, t, embeds, cond)
+        calls.append((sample.clone(), t.clone(), embeds.clone(), cond.clone(), v.clone()))
+        return v
+
+    def recording_scheduler():
+        scheduler = make_scheduler()
+        step = scheduler.step
+
+        def recording_step(*args, **kwargs):
+            sigmas.append(float(scheduler.sigmas[scheduler.step_index]))
+            out = step(*args, **kwargs)
+            estimates.append(out.pred_original_sample.clone())
+            return out
+
+        scheduler.step = recording_step
+        return scheduler
+
+    monkeypatch.setattr(pipe, "predict_v", recording_predict)
+    monkeypatch.setattr(pipe.prior, "scheduler", recording_scheduler)
+    with torch.no_grad():
+        states = [state for state, _ in pipe.denoise(condition, [4], options)]
+        positive, negative = pipe.prior.condition_latents(condition, [seeded(4)])
+        embeds = torch.cat([pipe.prior.empty_prompt_embeds(), pipe.prior.prompt_embeds(condition)])
+    for state, estimate in zip(states, estimates):
+        torch.testing.assert_close(state.x0, estimate, atol=1e-5, rtol=1e-5)  # the scheduler's own x0
+    sample, t, seen_embeds, cond, v = calls[0]
+    sigma = sigmas[0]
+    v_negative, v_positive = v.chunk(2)
+    guided = v_negative + 3.0 * (v_positive - v_negative)
+    latents = sample[:1] * (sigma ** 2 + 1) ** 0.5  # the model input is the scaled latents, twice
+    torch.testing.assert_close(sample[:1], sample[1:])
+    expected_x0 = guided * (-sigma / (sigma ** 2 + 1) ** 0.5) + latents / (sigma ** 2 + 1)
+    torch.testing.assert_close(estimates[0], expected_x0, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(seen_embeds, embeds)  # negative branch first: the empty prompt alone
+    generator = seeded(4)
+    for shape in ((4, 8, 8), (4, 8, 8), (4, 12, 8)):  # the seed's earlier draws: condition latents, initial noise
+        torch.randn(shape, generator=generator)
+    eps = torch.randn((2, 4, 8, 8), generator=generator)  # this step's condition noise: negative, positive
+    expected = (torch.cat([negative, positive]) + sigma * eps) / (sigma ** 2 + 1) ** 0.5
+    torch.testing.assert_close(cond, expected, atol=1e-5, rtol=1e-5)
+    assert torch.equal(t, torch.full((2,), float(pipe.prior.scheduler().config.num_train_timesteps - 1)))

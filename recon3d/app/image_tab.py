@@ -13,10 +13,11 @@ from ..images import FOREGROUND_RATIO
 from ..mesh import RESOLUTION, default_resolution
 from ..mesh import FLOATER_FRACTION
 from ..pipelines.image_to_3d import ImageTo3DOptions
-from ..service import ImageOutputs, ModelService, image_job
+from ..pipelines.multiview_sample import MultiViewOptions
+from ..service import INSTANTMESH_CHOICES, ImageOutputs, ModelService, image_job
 from ..sessions import Sessions
-from .common import (ASSETS, GPU_QUEUE, UPLOAD_FIRST, checked, examples, image_input, is_example, job_result, viewer,
-                     visitor_id)
+from .common import (ASSETS, GPU_QUEUE, SWITCHES, UPLOAD_FIRST, checked, examples, image_input, is_example,
+                     job_result, viewer, visitor_id)
 
 CPU_BENCHMARK = ASSETS / "bench" / "results" / "lrm-cpu.json"  # what a job costs on a CPU, shown on the page
 RANDOM_NOTE = "\n\n**Random weights: this mesh is meaningless.**"
@@ -131,3 +132,11 @@ def build(service: ModelService, sessions: Sessions) -> None:
                          outputs=[processed, model, download, timings], show_progress_on=[model],
                          api_name="image_to_3d", concurrency_id=GPU_QUEUE, concurrency_limit=1)
     cancel.click(fn=None, cancels=[job], api_name=False)
+    checkpoint.change(foreground_default, inputs=[checkpoint], outputs=[foreground_ratio], api_name=False,
+                      concurrency_id=SWITCHES, concurrency_limit=None)
+
+
+def foreground_default(checkpoint: str) -> dict:
+    """The chosen model's own foreground ratio (LRM 0.8, InstantMesh on Zero123++'s views 0.85)."""
+    options = MultiViewOptions if checkpoint in INSTANTMESH_CHOICES else ImageTo3DOptions
+    return gr.update(value=options.foreground_ratio)

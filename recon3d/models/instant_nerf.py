@@ -29,6 +29,7 @@ from ..cameras import intrinsics_from_fov, lrm_camera_vector, orbit_camera
 from ..field import TriplaneField
 from ..hub import CheckpointError, load_strict, read_json, read_state_dict, resolve_file
 from ..noise import seeded
+from ..render import RenderSettings
 from .lrm import Synthesizer, TriplaneTransformer, upsample_planes
 from .random_init import randomize_
 from .triplane import TriplaneModel
@@ -96,6 +97,11 @@ class InstantNeRFConfig:
     triplane_high_res: int = 64
     triplane_dim: int = 80
     rendering_samples_per_ray: int = 128
+
+    def render_settings(self) -> RenderSettings:
+        """How the model renders (its synthesizer's split): half the samples stratified, half by importance."""
+        half = self.rendering_samples_per_ray // 2
+        return RenderSettings(coarse_samples=half, fine_samples=self.rendering_samples_per_ray - half)
 
     @classmethod
     def from_dict(cls, params: dict, source: str = "config") -> "InstantNeRFConfig":
@@ -290,13 +296,13 @@ class CameraModulatedEncoder(nn.Module):
         self.camera_embedder = nn.Sequential(nn.Linear(16, dim), nn.SiLU(), nn.Linear(dim, dim))
 
     def forward(self, images: torch.Tensor, cameras: torch.Tensor) -> torch.Tensor:
-        n, v = images.shape[:2]
+        n, views = images.shape[:2]
         dtype = self.camera_embedder[0].weight.dtype
-        mean, std = (torch.tensor(v, device=images.device).view(1, 3, 1, 1) for v in (IMAGENET_MEAN, IMAGENET_STD))
+        mean, std = (torch.tensor(s, device=images.device).view(1, 3, 1, 1) for s in (IMAGENET_MEAN, IMAGENET_STD))
         pixels = ((images.flatten(0, 1).float() - mean) / std).to(dtype)  # (N*V, 3, H, W), ImageNet statistics only
         embedded = self.camera_embedder(cameras.flatten(0, 1).to(dtype))  # (N*V, D)
         tokens = self.model(pixels, embedded)  # (N*V, L, D)
-        return tokens.reshape(n, v * tokens.shape[1], tokens.shape[2])
+        return tokens.reshape(n, views * tokens.shape[1], tokens.shape[2])
 
 
 class PlaneGenerator(TriplaneTransformer):
@@ -382,9 +388,9 @@ def _config_for(config: str | Path | dict | InstantNeRFConfig | None, filename: 
     return PUBLISHED_CONFIGS[sizes[0]]
 
 
-CONVERT_COMMAND = ("python -c \"import torch, safetensors.torch as st; d = torch.load('{path}', weights_only=False); "
-                   "d = d.get('state_dict', d); st.save_file({{k: v.contiguous() for k, v in d.items()}}, "
-                   "'{stem}.safetensors')\"")
+CONVERT_COMMAND = ("python -c \"import torch, safetensors.torch as st; d = torch.load({path!r}, weights_only=False); "
+                   "d = d.get('state_dict', d); st.save_file({{k: v.contiguous() for k, v in d.items() "
+                   "if torch.is_tensor(v)}}, {out!r})\"")
 
 
 def read_instant_nerf_state_dict(path: Path, source: str) -> tuple[dict[str, torch.Tensor], int]:
@@ -401,7 +407,8 @@ def read_instant_nerf_state_dict(path: Path, source: str) -> tuple[dict[str, tor
         why = f"it pickles {found[1]}" if found else str(exc).splitlines()[0]
         raise CheckpointError(f"{source}: cannot be read as plain tensors with weights_only=True ({why}); if you "
                               f"trust the file, convert it once with: "
-                              f"{CONVERT_COMMAND.format(path=path, stem=path.with_suffix(''))}") from None
+                              f"{CONVERT_COMMAND.format(path=str(path), out=str(path.with_suffix('.safetensors')))}"
+                              ) from None
     tensors = raw.get("state_dict", raw) if isinstance(raw, dict) else None
     if not isinstance(tensors, dict):
         raise CheckpointError(f"{source}: expected a dict of tensors (or {{'state_dict': ...}}), found "

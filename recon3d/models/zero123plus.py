@@ -34,8 +34,10 @@ LATENT_SHIFT, LATENT_SCALE = 0.22, 0.75  # latents: (z - 0.22) * 0.75
 IMAGE_SCALE = 0.5 / 0.8  # images into the VAE: x * 0.5 / 0.8
 GREY_BACKGROUND, WHITE_BACKGROUND = 127 / 255, 1.0  # behind the input: original UNet, InstantMesh's fine-tune
 GRID_ROWS, GRID_COLUMNS = 3, 2  # the six views, row by row
+PAD_TOKEN = "!"  # the published tokenizer's (SD2's)
 
-_TOKENIZER = [("tokenizer/tokenizer_config.json",), ("tokenizer/vocab.json",), ("tokenizer/merges.txt",)]
+_TOKENIZER = [("tokenizer/tokenizer_config.json",), ("tokenizer/vocab.json",), ("tokenizer/merges.txt",),
+              ("tokenizer/special_tokens_map.json",)]
 LAYOUT = [("model_index.json",), ("unet/config.json",),
           ("unet/diffusion_pytorch_model.safetensors", "unet/diffusion_pytorch_model.bin"),
           ("vae/config.json",), ("vae/diffusion_pytorch_model.safetensors", "vae/diffusion_pytorch_model.bin"),
@@ -159,7 +161,8 @@ class Zero123PlusParts:
 
     # ---- the UNet with reference attention
 
-    def predict_v(self, sample: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def predict_v(self, sample: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+                  cond: torch.Tensor) -> torch.Tensor:
         """One branch, no guidance: the UNet's v for model input ``sample`` (B, 4, h, w) at timesteps ``t`` (B,),
         with the reference pass run first on ``cond`` (B, 4, hc, wc: the condition latent already noised and
         scaled to this step) under the same ``embeds`` (B, 77, D)."""
@@ -221,7 +224,8 @@ def load_zero123plus(diffusion: str | Path = ZERO123PLUS_REPO, unet: str | Path 
         raise CheckpointError(f"{source}: model_index.json needs 77 ramping_coefficients (found "
                               f"{len(ramping) if isinstance(ramping, list) else 'none'})")
     if unet is None:
-        model, unet_source, background = load_stock(UNet2DConditionModel, root / "unet", source, "UNet"), source, GREY_BACKGROUND
+        model, unet_source = load_stock(UNet2DConditionModel, root / "unet", source, "UNet"), source
+        background = GREY_BACKGROUND
     else:
         model, unet_source = _replacement_unet(root, unet, source, offline), str(unet)
         background = WHITE_BACKGROUND
@@ -234,6 +238,9 @@ def load_zero123plus(diffusion: str | Path = ZERO123PLUS_REPO, unet: str | Path 
     except Exception as exc:
         raise CheckpointError(f"{source}: cannot load the tokenizer or image processors ({type(exc).__name__}: "
                               f"{exc})") from None
+    if tokenizer.pad_token != PAD_TOKEN:  # SD2's tokenizers pad with "!": another pad changes 75 of 77 embeddings
+        raise CheckpointError(f"{source}: the tokenizer pads with {tokenizer.pad_token!r}, Zero123++'s pads with "
+                              f"{PAD_TOKEN!r}; is tokenizer/special_tokens_map.json missing?")
     scheduler_config = read_json(root / "scheduler" / "scheduler_config.json", source)
     return Zero123PlusParts(
         model.eval(), load_stock(AutoencoderKL, root / "vae", source, "VAE").eval(),
@@ -307,16 +314,18 @@ def random_zero123plus_parts(seed: int = 0, tokenizer_folder=None, published: bo
                                                     (TINY_UNET, TINY_VAE_CONFIG, TINY_TEXT, TINY_VISION, TINY_SIZES))
     generator = seeded(seed)
     tokenizer = tiny_tokenizer(tokenizer_folder or tempfile.mkdtemp(prefix="recon3d-tokenizer-"))
-    text_config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, bos_token_id=tokenizer.bos_token_id,
-                                 eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id, **text)
+    text_config = CLIPTextConfig(vocab_size=len(tokenizer), max_position_embeddings=77, **text,
+                                 bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+                                 pad_token_id=tokenizer.pad_token_id)
     with init_empty_weights():
         modules = (UNet2DConditionModel(**unet_config), AutoencoderKL(**vae_config), CLIPTextModel(text_config),
                    CLIPVisionModelWithProjection(CLIPVisionConfig(**vision)))
     unet, vae, text_encoder, vision_encoder = (randomize_(module, generator).eval() for module in modules)
     clip_processor = CLIPImageProcessorPil(size={"shortest_edge": sizes["clip"]}, resample=3,  # bicubic, CLIP stats
                                            crop_size={"height": sizes["clip"], "width": sizes["clip"]})
-    vae_processor = CLIPImageProcessorPil(size={"shortest_edge": sizes["vae"]}, resample=2, image_mean=[0.5] * 3,
-                                          crop_size={"height": sizes["vae"], "width": sizes["vae"]}, image_std=[0.8] * 3)
+    vae_processor = CLIPImageProcessorPil(size={"shortest_edge": sizes["vae"]}, resample=2,  # bilinear
+                                          crop_size={"height": sizes["vae"], "width": sizes["vae"]},
+                                          image_mean=[0.5] * 3, image_std=[0.8] * 3)
     ramping = randn_tensor((77,), generator).abs() / 2
     bank = install_reference_attention(unet)
     name = f"random weights (seed {seed})"

@@ -18,9 +18,9 @@ ancestral noise is drawn by diffusers' scheduler from those generators (row k fr
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import ClassVar, Iterator
+from typing import TYPE_CHECKING, ClassVar, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -31,21 +31,26 @@ from ..cancel import NEVER, CancelToken
 from ..images import (FOREGROUND_RATIO, BackgroundRemover, ImageInput, PreparedImage, image_to_tensor, prepare_image,
                       views_grid)
 from ..mesh import FLOATER_FRACTION, RESOLUTION, Mesh, MeshSettings, default_resolution, extract_mesh_or_fallback
-from ..models.instant_nerf import (TINY_INSTANT_NERF_CONFIG, VIEW_SIZE, ZERO123PLUS_DISTANCE, ZERO123PLUS_FOV, InstantNeRF,
-                                   instant_nerf_cameras, random_instant_nerf, zero123plus_poses)
+from ..models.instant_nerf import (TINY_INSTANT_NERF_CONFIG, VIEW_SIZE, ZERO123PLUS_DISTANCE, ZERO123PLUS_FOV,
+                                   InstantNeRF, instant_nerf_cameras, random_instant_nerf, zero123plus_poses)
 from ..models.zero123plus import (TINY_VIEW_SIZE, ZERO123PLUS_REPO, Zero123PlusParts, load_zero123plus,
                                   random_zero123plus_parts, split_views, tile_views)
 from ..noise import randn_tensor, seeded
 from ..options import DENOISING_STEPS, Limit, Options, limited
-from ..render import RenderSettings, render_views
+from ..render import render_views
 from .events import Event, Finished, Note, Preview, SampleReady, Stage, run_to_end
 from .progress import check_before_each
-from .sample_3d import MAX_SEEDS, Sample, _seed_list, check_seeds, comparison_grid
+from .sample_3d import MAX_SEEDS, Sample, check_seeds, comparison_grid, seed_list
+
+if TYPE_CHECKING:
+    from .image_to_3d import ImageTo3DOptions
 
 INSTANT_NERF_LARGE = "TencentARC/InstantMesh/instant_nerf_large.ckpt"
 METHOD = "Zero123++ v1.2 -> InstantMesh NeRF"
 GUIDANCE = Limit("guidance", 1.0, 20.0)
+RECONSTRUCTION_STEP = Limit("a reconstruction step", 1, DENOISING_STEPS.high, whole=True)
 WEIGHT = Limit("reconstruction weight", 0.0, 1.0)
+CONDITION_SIZE = 512  # the input is prepared at the VAE processor's size (its CLIP view is resized to 224 from it)
 
 
 @dataclass
@@ -65,13 +70,15 @@ class MultiViewOptions(Options):
     foreground_ratio: float = limited(0.85, FOREGROUND_RATIO)
     remove_background: bool = True
     mesh_resolution: int | None = limited(None, RESOLUTION)  # None: the device's default (128 on a CPU, 256 on a GPU)
-    preview_every: int | None = limited(None, Limit("preview interval", 1, 200, whole=True))  # None: 1 GPU, 5 CPU
+    # a preview decodes every seed's 640 x 960 views (on an H100 a fraction of a second, on a CPU half a minute)
+    preview_every: int | None = limited(None, Limit("preview interval", 1, 200, whole=True))  # None: 5 GPU, 10 CPU
+    previews: bool = True  # False: none decoded (a job that shows none, e.g. Image to 3D)
     batch_size: int = limited(4, Limit("batch size", 1, 64, whole=True))  # any split gives the same samples
 
     def validate(self) -> "MultiViewOptions":
         self.seeds = check_seeds(list(self.seeds))
         super().validate()
-        steps = sorted({DENOISING_STEPS.check(step) for step in self.reconstruct_at})
+        steps = sorted({RECONSTRUCTION_STEP.check(step) for step in self.reconstruct_at})
         if any(step > self.steps for step in steps):
             raise ValueError(f"reconstruction steps must be between 1 and the {self.steps} steps, got "
                              f"{max(steps)}")
@@ -79,8 +86,8 @@ class MultiViewOptions(Options):
         return self
 
     def device_defaults(self, device: torch.device | str) -> dict:
-        on_cpu = torch.device(device).type == "cpu"  # a CPU step takes seconds and a preview's decode as long
-        return {"mesh_resolution": default_resolution(device), "preview_every": 5 if on_cpu else 1}
+        on_cpu = torch.device(device).type == "cpu"  # a CPU step takes half a minute and a preview's decode as long
+        return {"mesh_resolution": default_resolution(device), "preview_every": 10 if on_cpu else 5}
 
 
 @dataclass
@@ -106,9 +113,10 @@ class MultiViewSample3D:
 
     @classmethod
     def from_pretrained(cls, diffusion: str | Path = ZERO123PLUS_REPO, unet: str | Path | None = None,
-                        reconstructor: str | Path | InstantNeRF | None = None, reconstructor_config=None,
-                        revision: str | None = None, offline: bool | None = None, device=None, dtype=None,
-                        view_size: int = VIEW_SIZE) -> "MultiViewSample3D":
+                        reconstructor: str | Path | InstantNeRF | None = None,
+                        reconstructor_config: str | Path | dict | None = None, revision: str | None = None,
+                        offline: bool | None = None, device: torch.device | str | None = None,
+                        dtype: torch.dtype | None = None, view_size: int = VIEW_SIZE) -> "MultiViewSample3D":
         """``diffusion``: Zero123++ (repo id or folder in its layout); ``unet``: a replacement UNet state dict
         (e.g. :data:`~recon3d.models.zero123plus.INSTANTMESH_UNET`; None keeps the folder's own);
         ``reconstructor``: an InstantMesh NeRF checkpoint (file or ``owner/repo/file``; None: the published large
@@ -124,7 +132,8 @@ class MultiViewSample3D:
         return cls(prior, nerf, nerf_source, view_size, offline=bool(offline))
 
     @classmethod
-    def random(cls, seed: int = 0, device=None, dtype=None) -> "MultiViewSample3D":
+    def random(cls, seed: int = 0, device: torch.device | str | None = None,
+               dtype: torch.dtype | None = None) -> "MultiViewSample3D":
         """Tiny random Zero123++ and InstantNeRF (tests, the --random-weights demo): 32 px views."""
         device, dtype = torch.device(device or "cpu"), dtype or torch.float32
         prior = random_zero123plus_parts(seed).to(device, dtype)
@@ -145,7 +154,8 @@ class MultiViewSample3D:
         """PIL RGB -> (1, 77, D): empty-prompt embeddings + ramping coefficients x CLIP image embeddings."""
         return self.prior.prompt_embeds(image)
 
-    def predict_v(self, sample: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def predict_v(self, sample: torch.Tensor, t: torch.Tensor, embeds: torch.Tensor,
+                  cond: torch.Tensor) -> torch.Tensor:
         """One unguided branch: the UNet's v for ``sample`` at ``t`` after the reference pass on ``cond``."""
         return self.prior.predict_v(sample, t, embeds, cond)
 
@@ -165,9 +175,10 @@ class MultiViewSample3D:
         yield from self.sample_prepared(prepared, options, cancel)
 
     def prepare(self, image: ImageInput, options: MultiViewOptions) -> PreparedImage:
-        """The input as Zero123++ reads it: background removed (when asked and needed), recentred, 320 px."""
+        """The input as Zero123++ reads it: background removed (when asked and needed), recentred, at the VAE
+        processor's 512 px (so its latent is not made from an upscaled image)."""
         remover = self.background_remover if options.remove_background else None
-        return prepare_image(image, VIEW_SIZE, options.foreground_ratio, remover)
+        return prepare_image(image, CONDITION_SIZE, options.foreground_ratio, remover)
 
     @torch.no_grad()
     def sample_prepared(self, prepared: PreparedImage, options: MultiViewOptions,
@@ -181,14 +192,15 @@ class MultiViewSample3D:
             cancel.check()
             latents = None
             for state, latents in self.denoise(condition, batch, options, cancel):
-                if state.step % options.preview_every and state.step != options.steps:
+                if not options.previews or (state.step % options.preview_every and state.step != options.steps):
                     continue
                 views = split_views(self.prior.decode(state.x0))  # (B, 6, 3, s, s)
                 fraction = (done + 0.8 * len(batch) * state.step / options.steps) / total
-                yield Preview(fraction=fraction, message=f"Step {state.step}/{options.steps} (seeds {_seed_list(batch)})",
-                              views=views.cpu(), step=state.step, steps=options.steps)
+                message = f"Step {state.step}/{options.steps} (seeds {seed_list(batch)})"
+                yield Preview(fraction=fraction, message=message, views=views.cpu(), step=state.step,
+                              steps=options.steps)
             yield Stage(name="reconstruct", fraction=(done + 0.8 * len(batch)) / total,
-                        message=f"Reconstructing seeds {_seed_list(batch)}")
+                        message=f"Reconstructing seeds {seed_list(batch)}")
             views = split_views(self.prior.decode(latents))  # (B, 6, 3, s, s) in [0, 1]
             planes = self.reconstruct(views, cancel)
             for index, seed in enumerate(batch):
@@ -212,7 +224,8 @@ class MultiViewSample3D:
         generators = [seeded(seed) for seed in seeds]
         positive, negative = prior.condition_latents(condition, generators)  # (B, 4, hc, wc) each
         cond = torch.cat([negative, positive])  # (2B, ...): negative branch first, as the reference
-        embeds = torch.cat([prior.empty_prompt_embeds().expand(b, -1, -1), prior.prompt_embeds(condition).expand(b, -1, -1)])
+        embeds = torch.cat([prior.empty_prompt_embeds().expand(b, -1, -1),
+                            prior.prompt_embeds(condition).expand(b, -1, -1)])  # (2B, 77, D): negative first
         scheduler = prior.scheduler()
         scheduler.set_timesteps(options.steps, device=device)
         size = self.view_size // 8
@@ -256,9 +269,10 @@ class MultiViewSample3D:
             return nerf.forward_planes(views.clamp(0, 1).to(self.dtype), cameras.to(self.dtype))
 
     def render(self, planes: torch.Tensor, cancel: CancelToken = NEVER) -> torch.Tensor:
-        """Planes (B, ...) rendered from Zero123++'s six cameras on white: (B, 6, 3, s, s) in [0, 1]."""
-        samples = self.reconstructor.config.rendering_samples_per_ray
-        settings = RenderSettings(samples // 2, samples // 2)
+        """Planes (B, ...) rendered from Zero123++'s six cameras on the UNet's background (white for InstantMesh's,
+        grey for the original: what the sampler's views show): (B, 6, 3, s, s) in [0, 1]."""
+        grey = self.prior.background
+        settings = replace(self.reconstructor.config.render_settings(), background=(grey, grey, grey))
         poses = zero123plus_poses(self.device).expand(planes.shape[0], 6, 4, 4)
         cancel.check()
         rgb = render_views(self.reconstructor.field(planes), poses, intrinsics_from_fov(ZERO123PLUS_FOV, self.device),
@@ -285,9 +299,8 @@ class MultiViewSample3D:
     def comparison(self, samples: list[Sample], size: int = 96, cancel: CancelToken = NEVER) -> Image.Image:
         """The samples side by side from the same four angles, seen as Zero123++'s cameras see them."""
         planes = torch.cat([s.planes for s in samples]).to(self.device, self.dtype)
-        samples_per_ray = self.reconstructor.config.rendering_samples_per_ray
         return comparison_grid(self.reconstructor.field(planes), ZERO123PLUS_DISTANCE, ZERO123PLUS_FOV,
-                               RenderSettings(samples_per_ray // 2, samples_per_ray // 2), size, cancel=cancel)
+                               self.reconstructor.config.render_settings(), size, cancel=cancel)
 
     def metadata(self, seed: int, options: MultiViewOptions) -> dict:
         """Everything that decides the sample, so the same settings make it again."""
@@ -316,7 +329,9 @@ class ViewsImageTo3D:
     """Image to 3D through Zero123++'s views: one seed (InstantMesh's 42) of a :class:`MultiViewSample3D`, run as
     an Image to 3D job (``run(image, ImageTo3DOptions)`` -> events, :class:`Finished` with an
     :class:`~recon3d.pipelines.image_to_3d.ImageTo3DResult`). The foreground ratio, background removal and mesh
-    resolution apply; the LRM's camera distance and density threshold do not (InstantMesh meshes at 10)."""
+    resolution apply; the LRM's camera distance, density threshold and floater fraction do not (the sampler
+    meshes at InstantMesh's level 10 and drops parts under its own fraction). No previews are decoded: the job
+    shows none."""
 
     SEED = 42
 
@@ -332,14 +347,15 @@ class ViewsImageTo3D:
         return self.sampler.device
 
     @torch.no_grad()
-    def run(self, image: ImageInput, options=None, cancel: CancelToken = NEVER) -> Iterator[Event]:
+    def run(self, image: ImageInput, options: ImageTo3DOptions | None = None,
+            cancel: CancelToken = NEVER) -> Iterator[Event]:
         import time
 
         from .image_to_3d import ImageTo3DOptions, ImageTo3DResult
 
         options = (options or ImageTo3DOptions()).resolved(self.device)
         views = MultiViewOptions(seeds=[self.SEED], steps=self.steps, foreground_ratio=options.foreground_ratio,
-                                 remove_background=options.remove_background,
+                                 remove_background=options.remove_background, previews=False,
                                  mesh_resolution=options.mesh_resolution).resolved(self.device)
         timings, start = {}, time.perf_counter()
         yield Stage(name="preprocess", fraction=0.0, message="Preparing the image")
@@ -353,12 +369,11 @@ class ViewsImageTo3D:
             elif not isinstance(event, Finished):
                 yield event
         nerf = self.sampler.reconstructor
-        samples_per_ray = nerf.config.rendering_samples_per_ray
         field_ = nerf.field(sample.planes.to(self.device, self.sampler.dtype))
         metadata = sample.metadata | {"method": f"{METHOD} (Image to 3D, one seed)"}
         result = ImageTo3DResult(prepared, sample.planes, sample.mesh, field_, timings, sample.stats,
-                                 list(sample.metadata.get("notes", [])),
-                                 RenderSettings(samples_per_ray // 2, samples_per_ray // 2), VIEW_SIZE, metadata)
+                                 list(sample.metadata.get("notes", [])), nerf.config.render_settings(), VIEW_SIZE,
+                                 metadata)
         yield Finished(fraction=1.0, message=f"{len(sample.mesh.faces):,} triangles", result=result)
 
 

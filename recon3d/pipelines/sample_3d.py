@@ -170,7 +170,7 @@ class Sample3D:
             planes, views = None, None
             for step, planes, views in self.denoise(condition, batch, options.steps, cancel):
                 fraction = (done + 0.8 * len(batch) * (step + 1) / options.steps) / total
-                yield Preview(fraction=fraction, message=f"Step {step + 1}/{options.steps} (seeds {_seed_list(batch)})",
+                yield Preview(fraction=fraction, message=f"Step {step + 1}/{options.steps} (seeds {seed_list(batch)})",
                               views=((views + 1) / 2).clamp(0, 1).cpu(), step=step + 1, steps=options.steps)
             for index, seed in enumerate(batch):
                 cancel.check()
@@ -237,7 +237,8 @@ class Sample3D:
                 "recon3d_version": __version__, "random_weights": self.random_weights}
 
 
-def _seed_list(seeds: list[int]) -> str:
+def seed_list(seeds: list[int]) -> str:
+    """"1, 7, 42": seeds for a message."""
     return ", ".join(str(s) for s in seeds)
 
 
