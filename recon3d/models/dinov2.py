@@ -31,6 +31,20 @@ VIT_SPECS = {
 }
 
 
+def resize_position_table(table: torch.Tensor, grid_h: int, grid_w: int, scale_factor: tuple[float, float],
+                          antialias: bool = False) -> torch.Tensor:
+    """A ViT's position table (1, 1 + g*g, D) for an h x w patch grid: the CLS entry kept, the g x g grid resized
+    bicubically by ``scale_factor`` (ViTs differ in the factor and in antialiasing; the caller states its own),
+    in float32, returned in the table's dtype."""
+    side = int(round((table.shape[1] - 1) ** 0.5))
+    cls_pos, patch_pos = table[:, :1], table[:, 1:].float()
+    grid = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
+    grid = F.interpolate(grid, scale_factor=scale_factor, mode="bicubic", align_corners=False, antialias=antialias)
+    if grid.shape[-2:] != (grid_h, grid_w):
+        raise ValueError(f"position grid {tuple(grid.shape[-2:])} != patch grid {(grid_h, grid_w)}")
+    return torch.cat([cls_pos, grid.flatten(2).transpose(1, 2).to(table.dtype)], 1)
+
+
 class PatchEmbed(nn.Module):
     def __init__(self, patch: int, dim: int):
         super().__init__()
@@ -101,13 +115,7 @@ class DinoV2(nn.Module):
         g = self.spec.pos_grid
         if (grid_h, grid_w) == (g, g):
             return self.pos_embed
-        dtype = self.pos_embed.dtype
-        cls_pos, patch_pos = self.pos_embed[:, :1], self.pos_embed[:, 1:].float()
-        grid = patch_pos.reshape(1, g, g, -1).permute(0, 3, 1, 2)  # (1, D, g, g)
-        grid = F.interpolate(grid, scale_factor=(grid_h / g, grid_w / g), mode="bicubic", antialias=True)
-        if grid.shape[-2:] != (grid_h, grid_w):
-            raise ValueError(f"position grid {tuple(grid.shape[-2:])} != patch grid {(grid_h, grid_w)}")
-        return torch.cat([cls_pos, grid.flatten(2).transpose(1, 2).to(dtype)], 1)
+        return resize_position_table(self.pos_embed, grid_h, grid_w, (grid_h / g, grid_w / g), antialias=True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         n, _, height, width = images.shape

@@ -30,6 +30,7 @@ from ..field import TriplaneField
 from ..hub import CheckpointError, load_strict, read_json, read_state_dict, resolve_file
 from ..noise import seeded
 from ..render import RenderSettings
+from .dinov2 import resize_position_table
 from .lrm import Synthesizer, TriplaneTransformer, upsample_planes
 from .random_init import randomize_
 from .triplane import TriplaneModel
@@ -234,15 +235,9 @@ class ViTEmbeddings(nn.Module):
         count = self.position_embeddings.shape[1] - 1
         if grid_h * grid_w == count and grid_h == grid_w:
             return self.position_embeddings
-        side = int(math.sqrt(count))
-        dtype = self.position_embeddings.dtype
-        cls_pos, patch_pos = self.position_embeddings[:, :1], self.position_embeddings[:, 1:].float()
-        grid = patch_pos.reshape(1, side, side, -1).permute(0, 3, 1, 2)  # (1, D, side, side)
-        grid = F.interpolate(grid, scale_factor=((grid_h + 0.1) / side, (grid_w + 0.1) / side), mode="bicubic",
-                             align_corners=False)
-        if grid.shape[-2:] != (grid_h, grid_w):
-            raise ValueError(f"position grid {tuple(grid.shape[-2:])} != patch grid {(grid_h, grid_w)}")
-        return torch.cat([cls_pos, grid.flatten(2).transpose(1, 2).to(dtype)], 1)
+        side = math.sqrt(count)
+        return resize_position_table(self.position_embeddings, grid_h, grid_w,
+                                     ((grid_h + 0.1) / side, (grid_w + 0.1) / side))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
         n, _, height, width = images.shape
