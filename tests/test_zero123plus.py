@@ -77,12 +77,17 @@ def test_the_published_layout_loads_from_a_folder_and_the_hub_cache(parts, layou
 def test_instantmeshs_unet_replaces_the_unet_strictly(parts, layout, tmp_path):
     other = random_zero123plus_parts(seed=5)
     path = write_unet_state_dict(other.unet, tmp_path / "instantmesh" / "diffusion_pytorch_model.bin")
+    from conftest import _CACHE
+
+    place_in_hub_cache(path.parent, "recon3d-test/tiny-instantmesh-unet", _CACHE, "c" * 40)
     loaded = load_zero123plus(layout, unet=path)
+    from_hub = load_zero123plus(REPO, unet="recon3d-test/tiny-instantmesh-unet/diffusion_pytorch_model.bin")
     assert loaded.background == WHITE_BACKGROUND and loaded.unet_source == str(path)
     sample, t, embeds, cond = sample_inputs(parts)
     with torch.no_grad():
-        torch.testing.assert_close(loaded.predict_v(sample, t, embeds, cond), other.predict_v(sample, t, embeds, cond),
-                                   atol=1e-5, rtol=1e-5)
+        expected = other.predict_v(sample, t, embeds, cond)
+        for model in (loaded, from_hub):
+            torch.testing.assert_close(model.predict_v(sample, t, embeds, cond), expected, atol=1e-5, rtol=1e-5)
     state = torch.load(path, weights_only=True)
     state.pop("conv_in.weight")
     torch.save(state, tmp_path / "damaged.bin")
