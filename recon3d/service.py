@@ -30,6 +30,7 @@ from .pipelines.multiview_sample import INSTANT_NERF_LARGE, MultiViewOptions, Mu
 from .pipelines.sample_3d import Sample3D, SampleOptions
 from .pipelines.sds import SDSControl
 from .pipelines.text_to_3d import QuickLookOptions, TextTo3D, TextTo3DOptions, TextTo3DResult
+from .sharing import DeviceLease
 
 RANDOM_CHOICES = {
     "random-tiny (random weights)": TINY_LRM_CONFIG,
@@ -64,6 +65,8 @@ class ModelService:
             self.offline = settings.offline if settings.offline is not None else not hub_reachable()
         self._loaded: OrderedDict[str, ImageTo3D | Sample3D | MultiViewSample3D | TextTo3D] = OrderedDict()
         self._lock = threading.Lock()
+        # the device, shared fairly: short jobs hold it whole, a Text to 3D run one step at a time
+        self.lease = DeviceLease()
 
     @staticmethod
     def warm_up() -> threading.Thread:
@@ -244,6 +247,12 @@ def image_job(service: ModelService, sessions, session: str, checkpoint: str, im
     """One visitor's Image to 3D job, meant for a worker thread: load the checkpoint, run the pipeline (an LRM, or
     Zero123++ views read by InstantMesh), write the GLB and the processed input into the visitor's folder; ends
     with :class:`Finished` of :class:`ImageOutputs`."""
+    with service.lease.short(cancel):
+        yield from _image_job(service, sessions, session, checkpoint, image_path, options, cancel)
+
+
+def _image_job(service: ModelService, sessions, session: str, checkpoint: str, image_path: str,
+               options: ImageTo3DOptions, cancel) -> Iterator[Event]:
     yield Stage(name="load", fraction=0.0, message="Loading the checkpoint")
     pipe = service.image_to_3d(checkpoint)
     for event in pipe.run(image_path, options, cancel):
@@ -289,6 +298,12 @@ def sample_job(service: ModelService, sessions, session: str, checkpoint: str, i
     """One visitor's Stochastic samples job, meant for a worker thread: a :class:`PreviewFile` of the current x0
     views at every step, a :class:`SampleShown` per finished seed, and :class:`Finished` with the path of a
     comparison image of ``shown`` and the new samples together (which must come from the same checkpoint)."""
+    with service.lease.short(cancel):
+        yield from _sample_job(service, sessions, session, checkpoint, image_path, options, shown, cancel)
+
+
+def _sample_job(service: ModelService, sessions, session: str, checkpoint: str, image_path: str,
+                options: SampleOptions | MultiViewOptions, shown: list[ShownSample], cancel) -> Iterator[Event]:
     yield Stage(name="load", fraction=0.0, message="Loading the checkpoint")
     pipe = service.sample_3d(checkpoint)
     samples, previews, digest = list(shown), PreviewFiles(sessions, session, "preview", size=96), file_digest(image_path)
@@ -318,9 +333,12 @@ def text_job(service: ModelService, sessions, session: str, checkpoint: str, pro
              options: TextTo3DOptions, control: SDSControl, cancel) -> Iterator[Event]:
     """One visitor's Text to 3D job, meant for a worker thread. Passes the SDS events on, previews as
     :class:`PreviewFile`; each mesh (an export request, then the end) is written as a GLB and comes as a
-    :class:`MeshFile`; :class:`Finished` carries the last one."""
+    :class:`MeshFile`; :class:`Finished` carries the last one. The run shares the device with short jobs
+    (``service.lease``): it gives it up between steps whenever one waits."""
     yield Stage(name="load", fraction=0.0, message="Loading MVDream")
-    pipe = service.text_to_3d(checkpoint)
+    with service.lease.step(cancel):  # loading uses the device as a step does
+        pipe = service.text_to_3d(checkpoint)
+    control.lease = service.lease
     previews = PreviewFiles(sessions, session, "text-preview")
     for event in pipe.generate(prompt, options, control=control, cancel=cancel, source=checkpoint):
         if isinstance(event, Preview):
@@ -340,6 +358,12 @@ def text_job(service: ModelService, sessions, session: str, checkpoint: str, pro
 def quick_look_job(service: ModelService, sessions, session: str, checkpoint: str, prompt: str,
                    options: QuickLookOptions, cancel) -> Iterator[Event]:
     """Four views of what the prior imagines for the prompt (plain DDIM); :class:`Finished` with a PNG path."""
+    with service.lease.short(cancel):
+        yield from _quick_look_job(service, sessions, session, checkpoint, prompt, options, cancel)
+
+
+def _quick_look_job(service: ModelService, sessions, session: str, checkpoint: str, prompt: str,
+                    options: QuickLookOptions, cancel) -> Iterator[Event]:
     yield Stage(name="load", fraction=0.0, message="Loading MVDream")
     pipe = service.text_to_3d(checkpoint)
     for event in pipe.sample_views(prompt, options, cancel=cancel):

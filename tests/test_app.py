@@ -588,6 +588,29 @@ def test_text_tab_streams_progress_previews_and_a_final_glb(app_url):
     assert Image.open(look).size == (4 * 256, 256)
 
 
+def test_an_image_to_3d_job_does_not_wait_for_a_long_text_to_3d_run(app_url):
+    """Another visitor's seconds-long job runs while an hours-long run is paused between its steps."""
+    from gradio_client import Client, handle_file
+
+    runner, visitor = Client(app_url, verbose=False), Client(app_url, verbose=False)
+    job = text_call(runner, "a long run", steps=5000, seed=3)
+    deadline = time.time() + 120
+    while time.time() < deadline and sum(str(u[0]).startswith("Step ") for u in job.outputs()) < 2:
+        time.sleep(0.2)
+    started = time.time()
+    processed, _, glb, _ = visitor.predict(handle_file(str(ROOT / "examples" / "duck.png")),
+                                           "random-tiny (random weights)", False, 0.8, 64, True,
+                                           api_name="/image_to_3d")
+    took = time.time() - started
+    assert not job.done()  # the long run is still going ...
+    glb_summary(glb)
+    assert took < 60  # ... and the short job did not wait for its 5,000 steps
+    assert "Stopping" in runner.predict(api_name="/stop_text_to_3d")
+    job.result(timeout=120)
+    statuses = [str(u[0]) for u in job.outputs() if str(u[0]).startswith("Step ")]
+    assert any("for other visitors' jobs" in status for status in statuses)  # the run said it paused
+
+
 def test_text_tab_exports_mid_run_and_stop_keeps_the_state(app_url):
     from gradio_client import Client
 

@@ -118,7 +118,11 @@ def test_out_of_memory_and_a_missing_image_become_clear_ui_errors(tmp_path):
     from recon3d.app import image_tab
     from recon3d.sessions import Sessions
 
+    from recon3d.sharing import DeviceLease
+
     class Service:
+        lease = DeviceLease()
+
         def image_to_3d(self, name):
             return OutOfMemoryPipe()
 

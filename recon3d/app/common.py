@@ -17,7 +17,8 @@ log = logging.getLogger("recon3d.app")
 ASSETS = Path(__file__).resolve().parents[2]  # the repository (examples/, bench/results/) when run from a clone
 # (an installed recon3d has neither: its page then offers no example images and quotes no measured CPU cost)
 EXAMPLES = sorted(str(p) for p in (ASSETS / "examples").glob("*.png"))
-GPU_QUEUE = "gpu"  # every event that uses the model shares this concurrency group
+GPU_QUEUE = "gpu"  # the short jobs that use the device (one at a time)
+LONG_RUNS = "long"  # Text to 3D runs: their own group; they share the device step by step (recon3d.sharing)
 SWITCHES = "switches"  # buttons that answer at once, beside a running job (no limit)
 VIEWER_BACKGROUND = (0.85, 0.85, 0.85, 1.0)
 UPLOAD_FIRST = "Upload an image first (PNG, JPEG or WebP)."

@@ -15,7 +15,7 @@ from ..pipelines.sds import PRESET_DESCRIPTIONS, PRESETS, SDSControl
 from ..pipelines.text_to_3d import CUSTOM, QuickLookOptions, TextTo3DOptions, TextTo3DResult, check_prompt
 from ..service import MeshFile, ModelService, PreviewFile, quick_look_job, text_job
 from ..sessions import Sessions
-from .common import GPU_QUEUE, SWITCHES, checked, job_result, viewer, visitor_id, visitor_job
+from .common import GPU_QUEUE, LONG_RUNS, SWITCHES, checked, job_result, viewer, visitor_id, visitor_job
 
 def intro(service: ModelService) -> str:
     """What the tab does and how often this server shows progress (from the recipe it runs on its device)."""
@@ -79,11 +79,15 @@ def loss_table(losses: list[tuple[int, float]], points: int = 400):
                          "log10 loss": pd.Series([math.log10(max(loss, 1e-12)) for _, loss in rows], dtype="float64")})
 
 
+PAUSE_SHOWN_S = 0.05  # a run's pauses for other jobs are shown from this long (shorter ones are lock handovers)
+
+
 def step_status(report: StepReport) -> str:
     low, high = report.t_range
     skipped = f" · {report.skipped:,} skipped (non-finite)" if report.skipped else ""
+    shared = f" · paused {report.paused:.1f} s for other visitors' jobs" if report.paused >= PAUSE_SHOWN_S else ""
     return (f"Step {report.step:,}/{report.steps:,} · loss {report.loss:.4g} · t in [{low:.2f}, {high:.2f}] · "
-            f"{report.resolution} px · elapsed {report.elapsed:.0f} s · ETA {report.eta:.0f} s{skipped}")
+            f"{report.resolution} px · elapsed {report.elapsed:.0f} s · ETA {report.eta:.0f} s{skipped}{shared}")
 
 
 def end_status(result: TextTo3DResult) -> str:
@@ -213,7 +217,7 @@ def build(service: ModelService, sessions: Sessions, controls: TextControls) -> 
     generate.click(make_handler(service, sessions, controls, outputs),
                    inputs=[prompt, negative_prompt, preset, steps, seed, guidance, checkpoint],
                    outputs=list(outputs.values()), show_progress_on=[preview], api_name="text_to_3d",
-                   concurrency_id=GPU_QUEUE, concurrency_limit=1)
+                   concurrency_id=LONG_RUNS, concurrency_limit=1)  # beside the short jobs: recon3d.sharing
     look.click(make_quick_look_handler(service, sessions), inputs=[prompt, seed, checkpoint],
                outputs=[quick], api_name="quick_look", concurrency_id=GPU_QUEUE, concurrency_limit=1)
     # The switches answer at once, beside the running job (their own concurrency group, no limit)

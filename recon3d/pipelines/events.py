@@ -56,6 +56,7 @@ class StepReport(Event):
     elapsed: float  # seconds since the run started
     eta: float  # seconds left, estimated
     skipped: int = 0  # steps so far whose loss or gradient was not finite (no update; loss is NaN for this one)
+    paused: float = 0.0  # seconds so far the run gave the device up to other jobs (recon3d.sharing)
 
 
 @dataclass(kw_only=True)

@@ -31,6 +31,7 @@ from ..field import NeuralTriplaneField
 from ..noise import derived, rand_tensor, randint, randn_tensor
 from ..options import Limit, check_limits, limited
 from ..render import RenderSettings, render_orbit, render_views
+from ..sharing import DeviceLease
 from .events import Event, Exported, Finished, Preview, StepReport
 
 STEPS = Limit("steps", 1, 20000, whole=True)
@@ -304,10 +305,13 @@ def remaining_seconds(options: SDSOptions, step: int, step_seconds: dict[int, li
 @dataclass
 class SDSControl:
     """Requests from outside a running optimisation, checked between steps: ``stop`` ends it and keeps what it
-    has; ``export`` asks for a mesh of the current state (then clears itself)."""
+    has; ``export`` asks for a mesh of the current state (then clears itself); ``lease`` is the device it shares
+    (each step waits while short jobs wait for it: :class:`~recon3d.sharing.DeviceLease`; by default a lease of
+    its own, never contended)."""
 
     stop: threading.Event = field(default_factory=threading.Event)
     export: threading.Event = field(default_factory=threading.Event)
+    lease: DeviceLease = field(default_factory=DeviceLease)
 
 
 def preview_due(options: SDSOptions, step: int, since_last: float) -> bool:
@@ -337,8 +341,8 @@ def optimise(prior: MultiViewPrior, options: SDSOptions, generator: torch.Genera
     control = control or SDSControl()
     state = state or new_state(options, generator, device)
     optimiser = make_optimiser(state, options)
-    start, last_preview, stopped = time.perf_counter(), -math.inf, "done"
-    step_seconds: dict[int, list[float]] = {}  # render size -> seconds of each step so far
+    start, last_preview, stopped, paused = time.perf_counter(), -math.inf, "done", 0.0
+    step_seconds: dict[int, list[float]] = {}  # render size -> seconds of each step so far (pauses excluded)
     while state.step < options.steps:
         cancel.check()
         if control.stop.is_set():
@@ -348,27 +352,32 @@ def optimise(prior: MultiViewPrior, options: SDSOptions, generator: torch.Genera
             control.export.clear()
             yield Exported(fraction=state.step / options.steps, message=f"exporting at step {state.step}",
                            result=state)
-        step_start = time.perf_counter()
-        info = sds_step(prior, state, optimiser, options, generator, cancel)
-        if state.skipped_in_a_row >= options.max_skipped_in_a_row:
-            good = state.step - state.skipped_in_a_row
-            stopped = (f"{state.skipped_in_a_row} steps in a row had a non-finite loss or gradient (the prior's "
-                       f"weights or precision are broken); kept the state of step {good}")
-            break
-        finite = info.pop("finite")
-        step_seconds.setdefault(info["resolution"], []).append(time.perf_counter() - step_start)
-        elapsed = time.perf_counter() - start
-        eta = remaining_seconds(options, state.step, step_seconds, info["resolution"])
-        fraction, preview = state.step / options.steps, None
-        if preview_due(options, state.step, elapsed - last_preview):
-            last_preview = elapsed  # (rendered before the step is reported: its time belongs to this step)
-            preview = Preview(fraction=fraction, message=f"views at step {state.step}",
-                              views=preview_views(state, options), step=state.step, steps=options.steps)
+        with control.lease.step(cancel) as waited:  # other visitors' short jobs first
+            paused += waited
+            step_start = time.perf_counter()
+            info = sds_step(prior, state, optimiser, options, generator, cancel)
+            if state.skipped_in_a_row >= options.max_skipped_in_a_row:
+                good = state.step - state.skipped_in_a_row
+                stopped = (f"{state.skipped_in_a_row} steps in a row had a non-finite loss or gradient (the "
+                           f"prior's weights or precision are broken); kept the state of step {good}")
+                break
+            finite = info.pop("finite")
+            step_seconds.setdefault(info["resolution"], []).append(time.perf_counter() - step_start)
+            elapsed = time.perf_counter() - start
+            eta = remaining_seconds(options, state.step, step_seconds, info["resolution"])
+            eta *= elapsed / max(elapsed - paused, 1e-9)  # pauses so far are expected to go on at the same rate
+            fraction, preview = state.step / options.steps, None
+            if preview_due(options, state.step, elapsed - last_preview):
+                last_preview = elapsed  # (rendered before the step is reported: its time belongs to this step)
+                preview = Preview(fraction=fraction, message=f"views at step {state.step}",
+                                  views=preview_views(state, options), step=state.step, steps=options.steps)
         skipped = f"  (skipped: non-finite; {state.skipped} so far)" if not finite else ""
+        shared = f"  (paused {paused:.1f} s for other jobs)" if paused >= 0.05 else ""
         yield StepReport(fraction=fraction, message=f"step {state.step}/{options.steps}  loss {info['loss']:.4g}  "
-                                                    f"t {info['t']}  {info['resolution']} px  ETA {eta:.0f} s{skipped}",
+                                                    f"t {info['t']}  {info['resolution']} px  ETA {eta:.0f} s"
+                                                    f"{skipped}{shared}",
                          step=state.step, steps=options.steps, elapsed=elapsed, eta=eta, skipped=state.skipped,
-                         **info)
+                         paused=paused, **info)
         if preview is not None:
             yield preview
     elapsed = time.perf_counter() - start

@@ -277,18 +277,21 @@ class TextTo3D:
 def distill_to_mesh(prior, options: SDSOptions, generator: torch.Generator, device: torch.device | str,
                     extras: dict, control: SDSControl | None = None, cancel: CancelToken = NEVER,
                     ) -> Iterator[Event]:
-    """:func:`optimise`, turning its export requests and its end into meshes (:class:`TextTo3DResult`)."""
-    last_preview = None
+    """:func:`optimise`, turning its export requests and its end into meshes (:class:`TextTo3DResult`); each mesh
+    is made holding the device as a step does (``control.lease``)."""
+    control, last_preview = control or SDSControl(), None
     for event in optimise(prior, options, generator, device, control, cancel):
         if isinstance(event, Preview):
             last_preview = event.views
         if isinstance(event, Exported):
-            result = export_state(event.result, options, extras, last_preview, cancel)
+            with control.lease.step(cancel):
+                result = export_state(event.result, options, extras, last_preview, cancel)
             yield Exported(fraction=event.fraction, message=f"mesh of step {event.result.step}", result=result)
         elif isinstance(event, Finished):
             outcome: SDSOutcome = event.result
             extras_now = {**extras, "stopped": outcome.stopped}
-            result = export_state(outcome.state, options, extras_now, last_preview, cancel)
+            with control.lease.step(cancel):
+                result = export_state(outcome.state, options, extras_now, last_preview, cancel)
             result.elapsed = outcome.elapsed
             yield Finished(fraction=1.0, message=event.message, result=result)
         else:
