@@ -234,3 +234,45 @@ def test_image_to_3d_offers_instantmesh_on_zero123plus_views_sharing_the_loaded_
 
     assert foreground_default(RANDOM_INSTANTMESH)["value"] == 0.85
     assert foreground_default(service.lrm_choices()[0][1])["value"] == 0.8
+
+
+def test_a_refusal_is_one_log_line_and_a_bug_keeps_its_traceback_with_a_report_id(tmp_path, caplog):
+    import asyncio
+    import logging
+    import re
+
+    import gradio as gr
+
+    from recon3d.app import image_tab
+    from recon3d.sessions import Sessions
+    from recon3d.sharing import DeviceLease
+
+    class Bug(Exception):
+        pass
+
+    class Service:
+        lease = DeviceLease()
+
+        def image_to_3d(self, name):
+            raise Bug("a mistake in the code")
+
+    handler = image_tab.make_handler(Service(), Sessions(tmp_path))
+
+    def call(ratio):
+        return asyncio.run(handler(str(ROOT / "examples" / "duck.png"), "any", True, ratio, 64, True,
+                                   progress=lambda *a, **k: None))
+
+    caplog.set_level(logging.INFO, logger="recon3d")
+    with pytest.raises(gr.Error) as refused:
+        call(0.3)
+    assert refused.value.print_exception is False  # Gradio prints no traceback for it
+    records = [r for r in caplog.records if r.name.startswith("recon3d")]
+    assert [(r.levelname, r.getMessage(), r.exc_info) for r in records] == \
+        [("INFO", "refused: Foreground ratio must be between 0.5 and 1, got 0.3", None)]
+    caplog.clear()
+    with pytest.raises(gr.Error) as bug:
+        call(0.8)
+    report = re.search(r"Unexpected error \(Bug, report ([0-9a-f]{6})\); the server log has the details",
+                       str(bug.value)).group(1)
+    logged = [r for r in caplog.records if r.levelname == "ERROR"]
+    assert len(logged) == 1 and report in logged[0].getMessage() and logged[0].exc_info is not None

@@ -82,8 +82,22 @@ def serve(args: argparse.Namespace, outputs: Path = OUTPUTS_DIR) -> tuple[gr.Blo
     return demo, sessions
 
 
+def configure_logging() -> None:
+    """recon3d's own lines (one per refused input, a traceback and a report id per bug) at INFO on stderr; other
+    libraries stay at WARNING (Gradio's and httpx's request lines would bury them)."""
+    import logging
+
+    handler = logging.StreamHandler()
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+    logger = logging.getLogger("recon3d")
+    if not logger.handlers:
+        logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+
+
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
+    configure_logging()
     demo, sessions = serve(args)
     ModelService.warm_up()
     demo.launch(server_name=args.host, server_port=args.port, show_error=True)

@@ -4,6 +4,7 @@ its failures turned into one line, form numbers checked by the library's limits,
 from __future__ import annotations
 
 import logging
+import secrets
 from pathlib import Path
 from typing import AsyncIterator, Callable, Iterator, TypeVar
 
@@ -37,7 +38,7 @@ class UploadedImage(gr.Image):
         if payload is None:
             return None
         if payload.path is None or (payload.url or "").startswith("data:"):
-            raise gr.Error("Send the image as a file upload (gradio_client: handle_file), not as inline data.")
+            raise refuse("Send the image as a file upload (gradio_client: handle_file), not as inline data.")
         return str(payload.path)
 
 
@@ -67,13 +68,20 @@ def visitor_id(request: gr.Request | None) -> str:
     return request.session_hash if request is not None and request.session_hash else "anonymous"
 
 
+def refuse(message: str) -> gr.Error:
+    """The page's one-line refusal of a bad input or setting (``raise refuse(...)``): one log line with the reason
+    and no traceback, which the log keeps for bugs."""
+    log.info("refused: %s", message)
+    return gr.Error(message, print_exception=False)
+
+
 def checked(make: Callable[[], T]) -> T:
     """``make()``, with a ValueError of the library's checks (ranges, seeds, presets) shown as the UI's one-line
     error: the page states no rule of its own."""
     try:
         return make()
     except ValueError as exc:
-        raise gr.Error(user_message(exc)) from None
+        raise refuse(user_message(exc)) from None
 
 
 async def visitor_job(job: Iterator[Event], cancel, name: str) -> AsyncIterator[Event]:
@@ -84,12 +92,12 @@ async def visitor_job(job: Iterator[Event], cancel, name: str) -> AsyncIterator[
             yield event
     except Exception as exc:
         message = user_message(exc)
-        if message is None:
-            log.exception("%s failed", name)
-            message = f"Unexpected error ({type(exc).__name__}); the server log has the details."
-        else:
-            log.info("%s refused: %s", name, message)
-        raise gr.Error(message) from None
+        if message is not None:
+            raise refuse(message) from None
+        report = secrets.token_hex(3)  # the visitor quotes it; the log's traceback carries it
+        log.exception("%s failed (report %s)", name, report)
+        raise gr.Error(f"Unexpected error ({type(exc).__name__}, report {report}); the server log has the "
+                       f"details.", print_exception=False) from None
 
 
 async def job_result(job: Iterator[Event], cancel, name: str, progress: Callable) -> object:

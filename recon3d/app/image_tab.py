@@ -17,7 +17,7 @@ from ..pipelines.multiview_sample import MultiViewOptions
 from ..service import INSTANTMESH_CHOICES, ImageOutputs, ModelService, image_job
 from ..sessions import Sessions
 from .common import (ASSETS, GPU_QUEUE, SWITCHES, UPLOAD_FIRST, checked, examples, image_input, is_example,
-                     job_result, viewer, visitor_id)
+                     job_result, refuse, viewer, visitor_id)
 
 CPU_BENCHMARK = ASSETS / "bench" / "results" / "lrm-cpu.json"  # what a job costs on a CPU, shown on the page
 RANDOM_NOTE = "\n\n**Random weights: this mesh is meaningless.**"
@@ -84,7 +84,7 @@ def make_handler(service: ModelService, sessions: Sessions):
         """Reconstruct a textured mesh from one image. Returns the processed input, the GLB (viewer and file)
         and a table of stage timings."""
         if not image_path:
-            raise gr.Error(UPLOAD_FIRST)
+            raise refuse(UPLOAD_FIRST)
         options = form_options(remove_background, foreground_ratio, mesh_resolution, remove_floaters)
         session = visitor_id(request)
         if not is_example(image_path):  # the visitor's own upload leaves with them

@@ -16,8 +16,8 @@ from ..pipelines.sample_3d import COUNT, DEFAULT_COUNT, MAX_SEEDS, SampleOptions
 from ..service import (RANDOM_DMV3D_CHOICES, RANDOM_INSTANTMESH, ModelService, PreviewFile,
                        SampleShown, ShownSample, file_digest, sample_job)
 from ..sessions import Sessions
-from .common import (GPU_QUEUE, SWITCHES, UPLOAD_FIRST, checked, examples, image_input, is_example, viewer,
-                     visitor_id, visitor_job)
+from .common import (GPU_QUEUE, SWITCHES, UPLOAD_FIRST, checked, examples, image_input, is_example, refuse,
+                     viewer, visitor_id, visitor_job)
 
 RANDOM_NOTE = "\n\n**Random weights: these samples are meaningless.**"
 
@@ -67,7 +67,7 @@ def samples_to_keep(shown: list[ShownSample], checkpoint: str, image_path: str) 
     kept = [sample for sample in shown if Path(sample.glb).is_file()]
     note = f" ({len(shown) - len(kept)} earlier samples had expired)" if len(kept) < len(shown) else ""
     if kept and (kept[0].checkpoint != checkpoint or kept[0].image != file_digest(image_path)):
-        raise gr.Error("More samples adds to samples of the same image and checkpoint: press Generate to start over.")
+        raise refuse("More samples adds to samples of the same image and checkpoint: press Generate to start over.")
     return kept, note
 
 
@@ -119,7 +119,7 @@ def make_handler(service: ModelService, sessions: Sessions, slots: SampleSlots, 
                         shown=None, request: gr.Request = None, progress=gr.Progress()):
         """Several plausible 3D objects from one image, one per seed: each a GLB, with a comparison image."""
         if not image_path:
-            raise gr.Error(UPLOAD_FIRST)
+            raise refuse(UPLOAD_FIRST)
         shown, expired = samples_to_keep(list(shown or []), checkpoint, image_path) if adding else ([], "")
         options = form_options(service, checkpoint, count, seeds_text, steps, remove_background, foreground_ratio,
                                shown, adding)
