@@ -276,3 +276,15 @@ def test_a_refusal_is_one_log_line_and_a_bug_keeps_its_traceback_with_a_report_i
                        str(bug.value)).group(1)
     logged = [r for r in caplog.records if r.levelname == "ERROR"]
     assert len(logged) == 1 and report in logged[0].getMessage() and logged[0].exc_info is not None
+
+
+def test_the_steps_box_shows_what_a_schedule_runs_and_is_editable_for_custom_only():
+    from recon3d.app.text_tab import steps_field
+    from recon3d.pipelines.sds import PRESETS
+
+    demo = page()
+    box = component(demo, "text-steps")["props"]
+    assert box["value"] == PRESETS["fast"].steps and box["interactive"] is False and "2,000 steps" in box["info"]
+    quality = steps_field("quality")
+    assert (quality["value"], quality["interactive"]) == (PRESETS["quality"].steps, False)
+    assert steps_field("custom") == {"interactive": True, "info": "custom: the number of steps to run"}

@@ -79,6 +79,16 @@ def loss_table(losses: list[tuple[int, float]], points: int = 400):
                          "log10 loss": pd.Series([math.log10(max(loss, 1e-12)) for _, loss in rows], dtype="float64")})
 
 
+def steps_field(preset: str) -> dict:
+    """What the Steps box shows for a schedule: a named preset's own count, read-only (the page runs exactly
+    that), or, for custom, an editable count."""
+    if preset == CUSTOM:
+        return {"interactive": True, "info": "custom: the number of steps to run"}
+    steps = PRESETS[preset].steps
+    return {"value": steps, "interactive": False,
+            "info": f"the {preset} schedule runs {steps:,} steps; choose custom to set your own"}
+
+
 PAUSE_SHOWN_S = 0.05  # a run's pauses for other jobs are shown from this long (shorter ones are lock handovers)
 
 
@@ -189,8 +199,8 @@ def build(service: ModelService, sessions: Sessions, controls: TextControls) -> 
             preset = gr.Radio(list(TextTo3DOptions.PRESET_CHOICES), value=TextTo3DOptions.preset, label="Schedule",
                               info="; ".join(f"{name}: {text}" for name, text in PRESET_DESCRIPTIONS.items()) + ".",
                               elem_id="text-preset")
-            steps = gr.Number(PRESETS["fast"].steps, step=100, label=f"Steps for custom ({STEPS.text})",
-                              elem_id="text-steps")
+            steps = gr.Number(step=100, label=f"Steps for custom ({STEPS.text})", elem_id="text-steps",
+                              **steps_field(TextTo3DOptions.preset))
             with gr.Row():
                 seed = gr.Number(TextTo3DOptions.seed, step=1, label=f"Seed ({SEED.text})", elem_id="text-seed")
                 guidance = gr.Number(TextTo3DOptions.guidance_scale, step=1, label=f"Guidance scale ({GUIDANCE.text})",
@@ -220,6 +230,8 @@ def build(service: ModelService, sessions: Sessions, controls: TextControls) -> 
                    concurrency_id=LONG_RUNS, concurrency_limit=1)  # beside the short jobs: recon3d.sharing
     look.click(make_quick_look_handler(service, sessions), inputs=[prompt, seed, checkpoint],
                outputs=[quick], api_name="quick_look", concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    preset.change(lambda name: gr.update(**steps_field(name)), inputs=[preset], outputs=[steps], api_name=False,
+                  concurrency_id=SWITCHES, concurrency_limit=None)
     # The switches answer at once, beside the running job (their own concurrency group, no limit)
     stop.click(make_switch(controls, "stop"), outputs=[status], api_name="stop_text_to_3d",
                concurrency_id=SWITCHES, concurrency_limit=None)
