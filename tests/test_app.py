@@ -374,6 +374,17 @@ def glb_extras(path):
     return pygltflib.GLTF2().load(str(path)).asset.extras
 
 
+def comparison_cells(path):
+    """(columns, rows) of 160 px cells in a labelled comparison image (a seed margin left, an angle row on top)."""
+    from PIL import Image
+
+    from recon3d.images import LABEL_TOP
+
+    width, height = Image.open(path).size
+    assert (height - LABEL_TOP) % 160 == 0 and 0 < width % 160 < 160  # the left margin is narrower than a cell
+    return width // 160, (height - LABEL_TOP) // 160
+
+
 def sample_call(client, *, seeds="", count=3, steps=4, checkpoint=RANDOM_DMV3D, api_name="/sample_3d"):
     from gradio_client import handle_file
 
@@ -400,7 +411,7 @@ def test_samples_tab_streams_three_seeds_into_three_distinct_glbs_and_more_keeps
         extras = glb_extras(path)
         assert (extras["method"], extras["seed"], extras["steps"], extras["random_weights"]) == ("DMV3D", seed, 4, True)
         assert extras["checkpoint"] == "random weights" and extras["recon3d_version"]
-    assert Image.open(comparison).size == (4 * 96, 3 * 96)  # one row per sample, four angles
+    assert comparison_cells(comparison) == (4, 3)  # one row per sample, four angles, 160 px each, labelled
     streamed = job.outputs()[:-1]
     previews = {update[1] for update in streamed if isinstance(update[1], str)}
     assert len(previews) >= 4  # a new x0 preview at every step, before the samples were done
@@ -419,7 +430,7 @@ def test_samples_tab_streams_three_seeds_into_three_distinct_glbs_and_more_keeps
     more = sample_call(client, count=2, api_name="/more_samples").result()  # adds two new seeds to those shown
     status, _, comparison, more_files, *_ = more
     assert len(more_files) == 3 and "3 samples" in status  # the seed-7 call started over, then two were added
-    assert Image.open(comparison).size == (4 * 96, 3 * 96)
+    assert comparison_cells(comparison) == (4, 3)
     assert open(more_files[0], "rb").read() == open(again[0], "rb").read()
     seeds = [glb_extras(path)["seed"] for path in more_files]
     assert seeds[0] == 7 and len(set(seeds)) == 3
@@ -453,7 +464,7 @@ def test_samples_tab_serves_zero123plus_instantmesh_with_each_samples_six_views(
     assert all(str(v).endswith(".png") for v in views[:2]) and views[2:] == [None] * 6
     assert Image.open(views[0]).size == (2 * 32, 3 * 32)  # the six views, 3 rows x 2 columns (tiny: 32 px each)
     assert Image.open(views[0]).tobytes() != Image.open(views[1]).tobytes()  # two seeds, two samples
-    assert Image.open(comparison).size == (4 * 96, 2 * 96)
+    assert comparison_cells(comparison) == (4, 2)
     assert Image.open(preview).size == (6 * 96, 2 * 96)  # the last step's x0: two samples x six views
 
 

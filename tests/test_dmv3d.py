@@ -12,7 +12,7 @@ import torch
 from recon3d.hub import CheckpointError
 from recon3d.models.dmv3d import (CONFIGS, DEMO_CONFIG, DMV3D, TINY_DMV3D_CONFIG, DMV3DConfig, align_to_first_view,
                                   canonical_views, new_dmv3d)
-from recon3d.pipelines.events import Finished, Preview, SampleReady
+from recon3d.pipelines.events import Finished, Preview, SampleReady, Stage
 from recon3d.pipelines.sample_3d import Sample3D, SampleOptions, parse_seeds
 from recon3d.testing import place_in_hub_cache
 
@@ -161,7 +161,9 @@ def test_sampler_streams_previews_keeps_the_condition_clean_and_exports_each_sam
     condition = previews[0].views[:, 0]
     assert all(torch.allclose(p.views[:, 0], condition) for p in previews)  # view 0 is the clean input
     assert (condition < 0.99).any()  # ... and it shows the duck, not a blank
-    assert [type(e) for e in events][-3:] == [SampleReady, SampleReady, Finished] and events[-1].fraction == 1.0
+    assert [type(e) for e in events][-5:] == [Stage, SampleReady, Stage, SampleReady, Finished]
+    assert [e.message for e in events if isinstance(e, Stage)][-2:] == ["Meshing seed 1 at 64^3", "Meshing seed 2 at 64^3"]
+    assert events[-1].fraction == 1.0 and "of denoising" in previews[0].message
     assert events[-1].result == samples
     fractions = [e.fraction for e in events]
     assert fractions == sorted(fractions)  # the progress bar never goes back
@@ -175,7 +177,11 @@ def test_sampler_streams_previews_keeps_the_condition_clean_and_exports_each_sam
     assert (extras["foreground_ratio"], extras["mesh_resolution"], extras["dtype"]) == (0.8, 64, "float32")
     assert extras["checkpoint"] == "tiny test model" and extras["recon3d_version"]
     grid = sampler.comparison(samples, size=24)
-    assert grid.size == (4 * 24, 2 * 24)
+    from recon3d.images import LABEL_TOP
+
+    assert grid.size[1] == 2 * 24 + LABEL_TOP and grid.size[0] > 4 * 24  # labelled rows and columns
+    margin = grid.size[0] - 4 * 24
+    assert min(grid.crop((0, LABEL_TOP, margin, LABEL_TOP + 24)).convert("L").getdata()) < 128  # "seed N" drawn
 
 
 def test_seed_lists_and_options_are_checked():

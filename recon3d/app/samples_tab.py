@@ -130,7 +130,7 @@ def make_handler(service: ModelService, sessions: Sessions, slots: SampleSlots, 
         samples, grid, last_preview = list(shown), None, None
         files = lambda: [str(sample.glb) for sample in samples]  # noqa: E731
         yield {status: f"Sampling seeds {', '.join(map(str, options.seeds))}{expired}" + label, state: samples,
-               all_files: files() or None, **slots.clear(len(samples))}
+               all_files: files() or None, comparison: None, **slots.clear(len(samples))}  # no stale comparison
         with sessions.job(session) as cancel:
             job = sample_job(service, sessions, session, checkpoint, image_path, options, shown, cancel)
             async for event in visitor_job(job, cancel, "sample_3d"):

@@ -39,8 +39,8 @@ from ..noise import randn_tensor, seeded
 from ..options import DENOISING_STEPS, Limit, Options, limited
 from ..render import render_views
 from .events import Event, Finished, Note, Preview, SampleReady, Stage, run_to_end
-from .progress import check_before_each
-from .sample_3d import MAX_SEEDS, Sample, check_seeds, comparison_grid, seed_list
+from .progress import StepClock, check_before_each
+from .sample_3d import COMPARISON_SIZE, MAX_SEEDS, Sample, check_seeds, comparison_grid, seed_list
 
 if TYPE_CHECKING:
     from .image_to_3d import ImageTo3DOptions
@@ -190,13 +190,15 @@ class MultiViewSample3D:
         total, done, samples = len(options.seeds), 0, []
         for batch in batches:
             cancel.check()
-            latents = None
+            latents, clock = None, StepClock(options.steps)
             for state, latents in self.denoise(condition, batch, options, cancel):
+                left = clock.tick()
                 if not options.previews or (state.step % options.preview_every and state.step != options.steps):
                     continue
                 views = split_views(self.prior.decode(state.x0))  # (B, 6, 3, s, s)
                 fraction = (done + 0.8 * len(batch) * state.step / options.steps) / total
-                message = f"Step {state.step}/{options.steps} (seeds {seed_list(batch)})"
+                message = (f"Step {state.step}/{options.steps} (seeds {seed_list(batch)}), "
+                           f"{StepClock.text(left)} of denoising")
                 yield Preview(fraction=fraction, message=message, views=views.cpu(), step=state.step,
                               steps=options.steps)
             yield Stage(name="reconstruct", fraction=(done + 0.8 * len(batch)) / total,
@@ -205,6 +207,8 @@ class MultiViewSample3D:
             planes = self.reconstruct(views, cancel)
             for index, seed in enumerate(batch):
                 cancel.check()
+                yield Stage(name="mesh", fraction=(done + 0.8 * len(batch) + 0.2 * index) / total,
+                            message=f"Meshing seed {seed} at {options.mesh_resolution}^3")
                 mesh, stats, note = self._mesh(planes[index:index + 1], options, cancel)
                 notes = list(prepared.notes) + ([note] if note else [])
                 metadata = self.metadata(seed, options) | ({"notes": notes} if notes else {})
@@ -296,11 +300,13 @@ class MultiViewSample3D:
         """A sample's six views as Zero123++ tiles them: 3 rows x 2 columns."""
         return views_grid(tile_views(sample.views[None])[:, None])
 
-    def comparison(self, samples: list[Sample], size: int = 96, cancel: CancelToken = NEVER) -> Image.Image:
+    def comparison(self, samples: list[Sample], size: int = COMPARISON_SIZE,
+                   cancel: CancelToken = NEVER) -> Image.Image:
         """The samples side by side from the same four angles, seen as Zero123++'s cameras see them."""
         planes = torch.cat([s.planes for s in samples]).to(self.device, self.dtype)
         return comparison_grid(self.reconstructor.field(planes), ZERO123PLUS_DISTANCE, ZERO123PLUS_FOV,
-                               self.reconstructor.config.render_settings(), size, cancel=cancel)
+                               self.reconstructor.config.render_settings(), [s.seed for s in samples], size,
+                               cancel=cancel)
 
     def metadata(self, seed: int, options: MultiViewOptions) -> dict:
         """Everything that decides the sample, so the same settings make it again."""

@@ -39,3 +39,20 @@ def check_before_each(modules: Iterable[torch.nn.Module], cancel: CancelToken) -
     finally:
         for handle in handles:
             handle.remove()
+
+
+class StepClock:
+    """Seconds left in a loop of ``steps`` equal steps, from the mean of those done so far."""
+
+    def __init__(self, steps: int):
+        self.steps, self.start, self.done = steps, time.perf_counter(), 0
+
+    def tick(self) -> float:
+        """One step done; the estimated seconds for the rest."""
+        self.done += 1
+        return (time.perf_counter() - self.start) / self.done * (self.steps - self.done)
+
+    @staticmethod
+    def text(seconds: float) -> str:
+        """"about 40 s left" (minutes from 2 minutes on)."""
+        return f"about {seconds:.0f} s left" if seconds < 120 else f"about {seconds / 60:.0f} min left"

@@ -17,7 +17,8 @@ import torch
 from PIL import Image
 
 from ..cancel import NEVER, CancelToken
-from ..images import FOREGROUND_RATIO, BackgroundRemover, ImageInput, image_to_tensor, prepare_image, views_grid
+from ..images import (FOREGROUND_RATIO, BackgroundRemover, ImageInput, image_to_tensor, labelled_grid, prepare_image,
+                      views_grid)
 from ..mesh import FLOATER_FRACTION, RESOLUTION, Mesh, MeshSettings, default_resolution, extract_mesh_or_fallback
 from ..models.dmv3d import DMV3D, DMV3DConfig, canonical_views, new_dmv3d
 from ..noise import SEED, randn_tensor, seeded
@@ -25,11 +26,13 @@ from ..options import DENOISING_STEPS, Limit, Options, limited
 from ..field import Field
 from ..render import RenderSettings, render_orbit
 from .events import Event, Finished, Note, Preview, SampleReady, Stage, run_to_end
-from .progress import check_before_each
+from .progress import StepClock, check_before_each
 
 MAX_SEEDS = 8  # samples of one job, and of one comparison
 COUNT = Limit("the number of samples", 1, MAX_SEEDS, whole=True)
 DEFAULT_COUNT = 4  # new random seeds when none are listed
+COMPARISON_ANGLES = (0.0, 90.0, 180.0, 270.0)
+COMPARISON_SIZE = 160  # pixels per object and angle in the comparison image
 
 
 def parse_seeds(text: str) -> list[int]:
@@ -167,13 +170,17 @@ class Sample3D:
         total, done, samples = len(options.seeds), 0, []
         for batch in batches:
             cancel.check()
-            planes, views = None, None
+            planes, views, clock = None, None, StepClock(options.steps)
             for step, planes, views in self.denoise(condition, batch, options.steps, cancel):
                 fraction = (done + 0.8 * len(batch) * (step + 1) / options.steps) / total
-                yield Preview(fraction=fraction, message=f"Step {step + 1}/{options.steps} (seeds {seed_list(batch)})",
-                              views=((views + 1) / 2).clamp(0, 1).cpu(), step=step + 1, steps=options.steps)
+                message = (f"Step {step + 1}/{options.steps} (seeds {seed_list(batch)}), "
+                           f"{StepClock.text(clock.tick())} of denoising")
+                yield Preview(fraction=fraction, message=message, views=((views + 1) / 2).clamp(0, 1).cpu(),
+                              step=step + 1, steps=options.steps)
             for index, seed in enumerate(batch):
                 cancel.check()
+                yield Stage(name="mesh", fraction=(done + 0.8 * len(batch) + 0.2 * index) / total,
+                            message=f"Meshing seed {seed} at {options.mesh_resolution}^3")
                 mesh, note = self._mesh(planes[index:index + 1], options, cancel)
                 notes = list(prepared.notes) + ([note] if note else [])
                 metadata = self.metadata(seed, options) | ({"notes": notes} if notes else {})
@@ -220,12 +227,13 @@ class Sample3D:
         mesh, _, note = extract_mesh_or_fallback(self.model.field(planes), settings, cancel=cancel)
         return mesh, note
 
-    def comparison(self, samples: list[Sample], size: int = 96, cancel: CancelToken = NEVER) -> Image.Image:
+    def comparison(self, samples: list[Sample], size: int = COMPARISON_SIZE,
+                   cancel: CancelToken = NEVER) -> Image.Image:
         """The samples side by side from the same four angles (:func:`comparison_grid`)."""
         cfg = self.model.config
         planes = torch.cat([s.planes for s in samples]).to(self.device, self.dtype)
-        return comparison_grid(self.model.field(planes), cfg.camera_distance, cfg.fov_deg, cfg.render_settings(), size,
-                               cancel=cancel)
+        return comparison_grid(self.model.field(planes), cfg.camera_distance, cfg.fov_deg, cfg.render_settings(),
+                               [s.seed for s in samples], size, cancel=cancel)
 
     def metadata(self, seed: int, options: SampleOptions) -> dict:
         """Everything that decides the sample, so the same settings make it again."""
@@ -242,15 +250,14 @@ def seed_list(seeds: list[int]) -> str:
     return ", ".join(str(s) for s in seeds)
 
 
-COMPARISON_ANGLES = (0.0, 90.0, 180.0, 270.0)
-
-
-def comparison_grid(field: Field, distance: float, fov_deg: float, settings: RenderSettings, size: int = 96,
-                    elevation_deg: float = 20.0, angles_deg=COMPARISON_ANGLES, cancel: CancelToken = NEVER) -> Image.Image:
-    """Every object of ``field`` (one per sample) rendered from the same angles: one row per sample, one column per
-    angle, on white, so samples compare at a glance."""
+def comparison_grid(field: Field, distance: float, fov_deg: float, settings: RenderSettings, seeds: list[int],
+                    size: int = COMPARISON_SIZE, elevation_deg: float = 20.0, angles_deg=COMPARISON_ANGLES,
+                    cancel: CancelToken = NEVER) -> Image.Image:
+    """Every object of ``field`` (one per sample) rendered from the same angles: one row per sample, labelled with
+    its seed, one column per angle, labelled (0 deg: the photo's side), on white, so samples compare at a glance."""
     rgb = render_orbit(field, angles_deg, elevation_deg, distance, fov_deg, size, settings, cancel)  # (N, A, S, S, 3)
-    return views_grid(rgb.permute(0, 1, 4, 2, 3))
+    return labelled_grid(views_grid(rgb.permute(0, 1, 4, 2, 3)), [f"seed {seed}" for seed in seeds],
+                         [f"{angle:g}\u00b0" + (" (front)" if angle == 0 else "") for angle in angles_deg])
 
 
 __all__ = ["MAX_SEEDS", "Sample", "Sample3D", "SampleOptions", "comparison_grid", "parse_seeds", "seeds_to_add"]
