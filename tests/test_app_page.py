@@ -288,3 +288,34 @@ def test_the_steps_box_shows_what_a_schedule_runs_and_is_editable_for_custom_onl
     quality = steps_field("quality")
     assert (quality["value"], quality["interactive"]) == (PRESETS["quality"].steps, False)
     assert steps_field("custom") == {"interactive": True, "info": "custom: the number of steps to run"}
+
+
+def test_the_step_line_speaks_plain_words_with_the_technical_values_in_a_details_row():
+    from recon3d.app.text_tab import loss_trend, step_status
+    from recon3d.pipelines.events import StepReport
+
+    falling = [(step, 10.0 ** (6 - 0.1 * step)) for step in range(1, 21)]
+    flat = [(step, 5e5) for step in range(1, 21)]
+    assert (loss_trend(falling), loss_trend(flat), loss_trend(falling[::-1]), loss_trend(flat[:3])) == \
+        ("falling", "flat", "rising", "starting")
+    report = StepReport(fraction=0.1, message="", step=20, steps=2000, loss=8.362e6, t=930, t_range=(0.92, 0.95),
+                        resolution=64, elapsed=30.0, eta=600.0)
+    line = step_status(report, falling)
+    assert line.startswith("Step 20/2,000 · noise level 0.92-0.95 · loss falling · 64 px · elapsed 30 s · "
+                           "about 10 min left")
+    assert line.endswith("<sub>details: timesteps drawn from [0.92, 0.95] of the schedule, loss 8.362e+06</sub>")
+
+
+def test_cancel_says_that_it_cancelled():
+    from recon3d.app import image_tab, samples_tab
+
+    demo = page()
+    by_id = {c["id"]: c["props"].get("elem_id") for c in demo.config["components"]}
+    for button, shown, text in (("cancel", "timings", image_tab.CANCELLED),
+                                ("samples-cancel", "samples-status", samples_tab.CANCELLED)):
+        target = next(i for i, elem in by_id.items() if elem == button)
+        clicks = [d for d in demo.config["dependencies"] if d["targets"] == [(target, "click")]]
+        assert any(d["cancels"] for d in clicks)  # (Gradio keeps the cancelling apart from the message)
+        says = next(d for d in clicks if d["outputs"])
+        assert [by_id[o] for o in says["outputs"]] == [shown]
+        assert demo.fns[says["id"]].fn() == text and text.startswith("**Cancelled.**")

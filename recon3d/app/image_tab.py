@@ -21,6 +21,7 @@ from .common import (ASSETS, GPU_QUEUE, SWITCHES, UPLOAD_FIRST, checked, example
 
 CPU_BENCHMARK = ASSETS / "bench" / "results" / "lrm-cpu.json"  # what a job costs on a CPU, shown on the page
 RANDOM_NOTE = "\n\n**Random weights: this mesh is meaningless.**"
+CANCELLED = "**Cancelled.** The job was stopped; nothing was kept from it."
 
 
 def intro(sessions: Sessions) -> str:
@@ -131,7 +132,8 @@ def build(service: ModelService, sessions: Sessions) -> None:
                                  remove_floaters],
                          outputs=[processed, model, download, timings], show_progress_on=[model],
                          api_name="image_to_3d", concurrency_id=GPU_QUEUE, concurrency_limit=1)
-    cancel.click(fn=None, cancels=[job], api_name=False)
+    cancel.click(fn=lambda: CANCELLED, outputs=[timings], cancels=[job], api_name=False, concurrency_id=SWITCHES,
+                 concurrency_limit=None)  # says so: the panels do not just reset
     checkpoint.change(foreground_default, inputs=[checkpoint], outputs=[foreground_ratio], api_name=False,
                       concurrency_id=SWITCHES, concurrency_limit=None)
 

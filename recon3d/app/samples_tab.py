@@ -20,6 +20,7 @@ from .common import (GPU_QUEUE, SWITCHES, UPLOAD_FIRST, checked, examples, image
                      viewer, visitor_id, visitor_job)
 
 RANDOM_NOTE = "\n\n**Random weights: these samples are meaningless.**"
+CANCELLED = "**Cancelled.** Samples that were finished stay below; the others were not made."
 
 
 def intro(service: ModelService) -> str:
@@ -194,6 +195,7 @@ def build(service: ModelService, sessions: Sessions) -> None:
         events.append(button.click(make_handler(service, sessions, slots, outputs, adding), inputs=inputs,
                                    outputs=[*outputs.values(), *slots.components], show_progress_on=[comparison],
                                    api_name=api_name, concurrency_id=GPU_QUEUE, concurrency_limit=1))
-    cancel.click(fn=None, cancels=events, api_name=False)
+    cancel.click(fn=lambda: CANCELLED, outputs=[status], cancels=events, api_name=False, concurrency_id=SWITCHES,
+                 concurrency_limit=None)
     checkpoint.change(model_defaults, inputs=[checkpoint], outputs=[steps, foreground_ratio], api_name=False,
                       concurrency_id=SWITCHES, concurrency_limit=None)

@@ -11,6 +11,7 @@ import gradio as gr
 
 from ..options import limit_of
 from ..pipelines.events import Finished, Note, StepReport
+from ..pipelines.progress import StepClock
 from ..pipelines.sds import PRESET_DESCRIPTIONS, PRESETS, SDSControl
 from ..pipelines.text_to_3d import CUSTOM, QuickLookOptions, TextTo3DOptions, TextTo3DResult, check_prompt
 from ..service import MeshFile, ModelService, PreviewFile, quick_look_job, text_job
@@ -92,12 +93,27 @@ def steps_field(preset: str) -> dict:
 PAUSE_SHOWN_S = 0.05  # a run's pauses for other jobs are shown from this long (shorter ones are lock handovers)
 
 
-def step_status(report: StepReport) -> str:
+def loss_trend(losses: list[tuple[int, float]], window: int = 20) -> str:
+    """"falling", "flat" or "rising": the slope of log10 loss over the last ``window`` steps (SDS losses are
+    noisy: one step says nothing), "starting" before there are 5."""
+    recent = [math.log10(max(loss, 1e-12)) for _, loss in losses[-window:]]
+    if len(recent) < 5:
+        return "starting"
+    mean_x, mean_y = (len(recent) - 1) / 2, sum(recent) / len(recent)
+    slope = sum((x - mean_x) * (y - mean_y) for x, y in enumerate(recent)) / sum(
+        (x - mean_x) ** 2 for x in range(len(recent)))
+    return "falling" if slope < -0.005 else "rising" if slope > 0.005 else "flat"
+
+
+def step_status(report: StepReport, losses: list[tuple[int, float]]) -> str:
+    """The step line in plain words, the technical values on a small second line."""
     low, high = report.t_range
     skipped = f" · {report.skipped:,} skipped (non-finite)" if report.skipped else ""
     shared = f" · paused {report.paused:.1f} s for other visitors' jobs" if report.paused >= PAUSE_SHOWN_S else ""
-    return (f"Step {report.step:,}/{report.steps:,} · loss {report.loss:.4g} · t in [{low:.2f}, {high:.2f}] · "
-            f"{report.resolution} px · elapsed {report.elapsed:.0f} s · ETA {report.eta:.0f} s{skipped}{shared}")
+    return (f"Step {report.step:,}/{report.steps:,} · noise level {low:.2f}-{high:.2f} · loss "
+            f"{loss_trend(losses)} · {report.resolution} px · elapsed {report.elapsed:.0f} s · "
+            f"{StepClock.text(report.eta)}{skipped}{shared}\n\n"
+            f"<sub>details: timesteps drawn from [{low:.2f}, {high:.2f}] of the schedule, loss {report.loss:.4g}</sub>")
 
 
 def end_status(result: TextTo3DResult) -> str:
@@ -131,7 +147,7 @@ def make_handler(service: ModelService, sessions: Sessions, controls: TextContro
                     if isinstance(event, StepReport):
                         if math.isfinite(event.loss):
                             losses.append((event.step, event.loss))
-                        line = step_status(event)
+                        line = step_status(event, losses)
                     elif isinstance(event, Note):
                         warning = f"\n\n_{event.message[:1].upper()}{event.message[1:]}._"
                     elif isinstance(event, PreviewFile):
