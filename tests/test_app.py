@@ -636,6 +636,17 @@ def test_an_image_to_3d_job_does_not_wait_for_a_long_text_to_3d_run(app_url):
     assert any("for other visitors' jobs" in status for status in statuses)  # the run said it paused
 
 
+def test_the_text_to_3d_endpoints_result_holds_its_glb(app_url):
+    from gradio_client import Client
+
+    client = Client(app_url, verbose=False)
+    status, *_, download = client.predict("a small vase", "", "custom", 2, 4, 50, RANDOM_MVDREAM,
+                                          api_name="/text_to_3d")
+    assert status.startswith("Done at step 2/2") and str(download).endswith(".glb")
+    glb_summary(download)
+    assert glb_extras(download)["prompt"] == "a small vase"
+
+
 def test_text_tab_exports_mid_run_and_stop_keeps_the_state(app_url):
     from gradio_client import Client
 

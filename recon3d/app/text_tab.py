@@ -136,7 +136,7 @@ def make_handler(service: ModelService, sessions: Sessions, controls: TextContro
         options = form_options(preset, steps, seed, guidance_scale, negative_prompt)
         session = visitor_id(request)
         note = RANDOM_NOTE if service.settings.random_weights else ""
-        losses, last_sent, warning, line = [], 0.0, "", "Loading MVDream"
+        losses, last_sent, warning, line, glb = [], 0.0, "", "Loading MVDream", None
         control = controls.start(session)
         try:
             with sessions.job(session) as cancel:
@@ -153,7 +153,8 @@ def make_handler(service: ModelService, sessions: Sessions, controls: TextContro
                     elif isinstance(event, PreviewFile):
                         update[preview] = str(event.path)
                     elif isinstance(event, MeshFile):
-                        update |= {model: str(event.path), download: str(event.path)}
+                        glb = str(event.path)
+                        update |= {model: glb, download: glb}
                         line = end_status(event.result) if event.final else line
                     elif isinstance(event, Finished):
                         continue
@@ -167,8 +168,9 @@ def make_handler(service: ModelService, sessions: Sessions, controls: TextContro
         finally:
             controls.finish(session, control)
         # Gradio 6.31: a gr.Model3D whose file arrives in a generator's last update never gets its canvas, so the
-        # mesh is never the last thing sent
-        yield {status: line + warning + note}
+        # mesh is never the last thing sent to the viewer; the download (a gr.File) repeats the GLB so that an API
+        # caller's result, the last update, holds it
+        yield {status: line + warning + note, **({download: glb} if glb else {})}
 
     return text_to_3d
 
