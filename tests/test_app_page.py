@@ -319,3 +319,16 @@ def test_cancel_says_that_it_cancelled():
         says = next(d for d in clicks if d["outputs"])
         assert [by_id[o] for o in says["outputs"]] == [shown]
         assert demo.fns[says["id"]].fn() == text and text.startswith("**Cancelled.**")
+
+
+def test_quick_look_has_a_status_line():
+    from recon3d.app.text_tab import QUICK_LOOK_DONE, QUICK_LOOK_STARTED
+
+    demo = page()
+    by_id = {c["id"]: c["props"].get("elem_id") for c in demo.config["components"]}
+    button = next(i for i, elem in by_id.items() if elem == "text-quick-look")
+    said = [demo.fns[d["id"]].fn() for d in demo.config["dependencies"]
+            if [by_id[o] for o in d["outputs"]] == ["text-status"] and d["backend_fn"]
+            and (d["targets"] == [(button, "click")] or d.get("trigger_after") is not None)
+            and demo.fns[d["id"]].fn.__code__.co_argcount <= 1]
+    assert QUICK_LOOK_STARTED in said and QUICK_LOOK_DONE in said

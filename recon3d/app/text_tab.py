@@ -90,6 +90,8 @@ def steps_field(preset: str) -> dict:
             "info": f"the {preset} schedule runs {steps:,} steps; choose custom to set your own"}
 
 
+QUICK_LOOK_STARTED = "Quick look: sampling four views of what the prior imagines for the prompt..."
+QUICK_LOOK_DONE = "Quick look ready: four views of what the prior imagines for the prompt (no 3D yet)."
 PAUSE_SHOWN_S = 0.05  # a run's pauses for other jobs are shown from this long (shorter ones are lock handovers)
 
 
@@ -246,8 +248,11 @@ def build(service: ModelService, sessions: Sessions, controls: TextControls) -> 
                    inputs=[prompt, negative_prompt, preset, steps, seed, guidance, checkpoint],
                    outputs=list(outputs.values()), show_progress_on=[preview], api_name="text_to_3d",
                    concurrency_id=LONG_RUNS, concurrency_limit=1)  # beside the short jobs: recon3d.sharing
-    look.click(make_quick_look_handler(service, sessions), inputs=[prompt, seed, checkpoint],
-               outputs=[quick], api_name="quick_look", concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    looking = look.click(make_quick_look_handler(service, sessions), inputs=[prompt, seed, checkpoint],
+                         outputs=[quick], api_name="quick_look", concurrency_id=GPU_QUEUE, concurrency_limit=1)
+    for event, text in ((look.click, QUICK_LOOK_STARTED), (looking.success, QUICK_LOOK_DONE)):  # a status line
+        event(lambda text=text: text, outputs=[status], api_name=False, concurrency_id=SWITCHES,
+              concurrency_limit=None)
     preset.change(lambda name: gr.update(**steps_field(name)), inputs=[preset], outputs=[steps], api_name=False,
                   concurrency_id=SWITCHES, concurrency_limit=None)
     # The switches answer at once, beside the running job (their own concurrency group, no limit)
