@@ -245,23 +245,24 @@ def views_grid(views, size: int | None = None) -> Image.Image:
     return Image.fromarray((grid.cpu().numpy() * 255 + 0.5).astype("uint8"))
 
 
-LABEL_TOP = 24  # pixels above a labelled grid for its column labels
+LABEL_ROW = 24  # pixels below a labelled grid for its column labels
 
 
 def labelled_grid(grid: Image.Image, rows: list[str], columns: list[str]) -> Image.Image:
     """A grid of equal cells (one row per entry of ``rows``, one column per entry of ``columns``) with each row's
-    label in a left margin as wide as the longest and each column's in a top margin, dark on white."""
+    label in a left margin as wide as the longest and each column's in a row below (an image widget's own label
+    covers the top-left corner), dark on white."""
     from PIL import ImageDraw, ImageFont
 
     font = ImageFont.load_default(size=14)
     left = 12 + int(max(ImageDraw.Draw(grid).textlength(text, font=font) for text in rows))
     cell_w, cell_h = grid.width // len(columns), grid.height // len(rows)
-    out = Image.new("RGB", (grid.width + left, grid.height + LABEL_TOP), (255, 255, 255))
-    out.paste(grid, (left, LABEL_TOP))
+    out = Image.new("RGB", (grid.width + left, grid.height + LABEL_ROW), (255, 255, 255))
+    out.paste(grid, (left, 0))
     draw = ImageDraw.Draw(out)
     for index, text in enumerate(rows):
-        draw.text((6, LABEL_TOP + index * cell_h + cell_h // 2), text, fill=(40, 40, 40), font=font, anchor="lm")
+        draw.text((6, index * cell_h + cell_h // 2), text, fill=(40, 40, 40), font=font, anchor="lm")
     for index, text in enumerate(columns):
-        draw.text((left + index * cell_w + cell_w // 2, LABEL_TOP // 2), text, fill=(40, 40, 40), font=font,
-                  anchor="mm")
+        draw.text((left + index * cell_w + cell_w // 2, grid.height + LABEL_ROW // 2), text, fill=(40, 40, 40),
+                  font=font, anchor="mm")
     return out

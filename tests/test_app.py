@@ -375,14 +375,14 @@ def glb_extras(path):
 
 
 def comparison_cells(path):
-    """(columns, rows) of 160 px cells in a labelled comparison image (a seed margin left, an angle row on top)."""
+    """(columns, rows) of 160 px cells in a labelled comparison image (a seed margin left, an angle row below)."""
     from PIL import Image
 
-    from recon3d.images import LABEL_TOP
+    from recon3d.images import LABEL_ROW
 
     width, height = Image.open(path).size
-    assert (height - LABEL_TOP) % 160 == 0 and 0 < width % 160 < 160  # the left margin is narrower than a cell
-    return width // 160, (height - LABEL_TOP) // 160
+    assert (height - LABEL_ROW) % 160 == 0 and 0 < width % 160 < 160  # the left margin is narrower than a cell
+    return width // 160, (height - LABEL_ROW) // 160
 
 
 def sample_call(client, *, seeds="", count=3, steps=4, checkpoint=RANDOM_DMV3D, api_name="/sample_3d"):

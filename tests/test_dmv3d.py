@@ -177,11 +177,12 @@ def test_sampler_streams_previews_keeps_the_condition_clean_and_exports_each_sam
     assert (extras["foreground_ratio"], extras["mesh_resolution"], extras["dtype"]) == (0.8, 64, "float32")
     assert extras["checkpoint"] == "tiny test model" and extras["recon3d_version"]
     grid = sampler.comparison(samples, size=24)
-    from recon3d.images import LABEL_TOP
+    from recon3d.images import LABEL_ROW
 
-    assert grid.size[1] == 2 * 24 + LABEL_TOP and grid.size[0] > 4 * 24  # labelled rows and columns
+    assert grid.size[1] == 2 * 24 + LABEL_ROW and grid.size[0] > 4 * 24  # labelled rows and columns
     margin = grid.size[0] - 4 * 24
-    assert grid.crop((0, LABEL_TOP, margin, LABEL_TOP + 24)).convert("L").getextrema()[0] < 128  # "seed N" drawn
+    assert grid.crop((0, 0, margin, 24)).convert("L").getextrema()[0] < 128  # "seed 1" drawn beside its row
+    assert grid.crop((margin, 2 * 24, margin + 24, 2 * 24 + LABEL_ROW)).convert("L").getextrema()[0] < 128  # "0°"
 
 
 def test_seed_lists_and_options_are_checked():

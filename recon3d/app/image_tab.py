@@ -61,10 +61,11 @@ def cpu_cost_note(costs: dict[str, dict[int, float]]) -> str:
     """One sentence for people: what a job costs on a CPU server at each resolution."""
     if not costs:
         return "On a CPU a job takes minutes at 256 and above."
-    parts = [f"{size}: " + ", ".join(f"{seconds:.0f} s at {resolution}" for resolution, seconds in sorted(c.items()))
+    parts = [f"{size} checkpoints " + ", ".join(f"{seconds:.0f} s at {resolution}"
+                                                              for resolution, seconds in sorted(c.items()))
              for size, c in costs.items()]
-    return ("On this CPU server a job takes about " + "; ".join(parts) + " (bench/lrm.py on 2 cores with "
-            "random weights, whose noisy field makes meshing slower than for a real object).")
+    return ("On this CPU server an OpenLRM job takes about: " + "; ".join(parts) + " (bench/lrm.py on 2 cores "
+            "with random weights, whose noisy field makes meshing slower than for a real object).")
 
 
 def resolution_help(service: ModelService) -> str:

@@ -112,7 +112,8 @@ def step_status(report: StepReport, losses: list[tuple[int, float]]) -> str:
     low, high = report.t_range
     skipped = f" · {report.skipped:,} skipped (non-finite)" if report.skipped else ""
     shared = f" · paused {report.paused:.1f} s for other visitors' jobs" if report.paused >= PAUSE_SHOWN_S else ""
-    return (f"Step {report.step:,}/{report.steps:,} · noise level {low:.2f}-{high:.2f} · loss "
+    noise = f"{low:.2f}" if f"{low:.2f}" == f"{high:.2f}" else f"{low:.2f}-{high:.2f}"
+    return (f"Step {report.step:,}/{report.steps:,} · noise level {noise} · loss "
             f"{loss_trend(losses)} · {report.resolution} px · elapsed {report.elapsed:.0f} s · "
             f"{StepClock.text(report.eta)}{skipped}{shared}\n\n"
             f"<sub>details: timesteps drawn from [{low:.2f}, {high:.2f}] of the schedule, loss {report.loss:.4g}</sub>")

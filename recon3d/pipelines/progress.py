@@ -54,5 +54,7 @@ class StepClock:
 
     @staticmethod
     def text(seconds: float) -> str:
-        """"about 40 s left" (minutes from 2 minutes on)."""
+        """"about 40 s left" (minutes from 2 minutes on; "finishing" under a second)."""
+        if seconds < 1:
+            return "finishing"
         return f"about {seconds:.0f} s left" if seconds < 120 else f"about {seconds / 60:.0f} min left"
