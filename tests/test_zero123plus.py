@@ -262,9 +262,13 @@ def test_reconstruct_reads_zero123plus_cameras(pipe):
     with torch.no_grad():
         planes = pipe.reconstruct(views)
         expected = pipe.reconstructor.forward_planes(views, instant_nerf_cameras(zero123plus_poses()).expand(1, 6, 16))
-        resized = pipe.reconstruct(F.interpolate(views[0], size=48, mode="bilinear").unsqueeze(0))
+        larger = F.interpolate(views[0], size=48, mode="bilinear").unsqueeze(0)
+        resized = pipe.reconstruct(larger)  # other sizes are resized to the reconstructor's (bicubic, antialiased)
+        by_hand = F.interpolate(larger[0], size=32, mode="bicubic", antialias=True).clamp(0, 1).unsqueeze(0)
+        cameras = instant_nerf_cameras(zero123plus_poses()).expand(1, 6, 16)
+        expected_resized = pipe.reconstructor.forward_planes(by_hand, cameras)
     torch.testing.assert_close(planes, expected)
-    assert resized.shape == planes.shape
+    torch.testing.assert_close(resized, expected_resized, atol=1e-5, rtol=1e-5)
 
 
 def test_the_published_component_sizes_have_the_published_parameter_counts():

@@ -7,6 +7,7 @@ Parameter names follow the published checkpoints (``cls_token``, ``pos_embed``, 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -43,6 +44,17 @@ def resize_position_table(table: torch.Tensor, grid_h: int, grid_w: int, scale_f
     if grid.shape[-2:] != (grid_h, grid_w):
         raise ValueError(f"position grid {tuple(grid.shape[-2:])} != patch grid {(grid_h, grid_w)}")
     return torch.cat([cls_pos, grid.flatten(2).transpose(1, 2).to(table.dtype)], 1)
+
+
+def tokens_with_cls(images: torch.Tensor, patch: int, project: nn.Module, cls_token: torch.Tensor,
+                    positions: Callable[[int, int], torch.Tensor]) -> torch.Tensor:
+    """A ViT's first tokens: images (N, 3, H, W), H and W multiples of ``patch`` -> (N, 1 + h*w, D), the CLS token
+    then the projected patches, plus ``positions(h, w)`` (1, 1 + h*w, D)."""
+    n, _, height, width = images.shape
+    if height % patch or width % patch:
+        raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch}")
+    x = torch.cat([cls_token.expand(n, -1, -1), project(images)], 1)  # (N, 1 + h*w, D)
+    return x + positions(height // patch, width // patch)
 
 
 class PatchEmbed(nn.Module):
@@ -118,13 +130,8 @@ class DinoV2(nn.Module):
         return resize_position_table(self.pos_embed, grid_h, grid_w, (grid_h / g, grid_w / g), antialias=True)
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        n, _, height, width = images.shape
-        patch = self.spec.patch
-        if height % patch or width % patch:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch}")
-        x = self.patch_embed(images)  # (N, h*w, D)
-        x = torch.cat([self.cls_token.expand(n, -1, -1), x], 1)
-        x = x + self.position_embedding(height // patch, width // patch)
+        n = images.shape[0]
+        x = tokens_with_cls(images, self.spec.patch, self.patch_embed, self.cls_token, self.position_embedding)
         x = torch.cat([x[:, :1], self.register_tokens.expand(n, -1, -1), x[:, 1:]], 1)  # registers after CLS
         for block in self.blocks:
             x = block(x)

@@ -30,7 +30,7 @@ from ..field import TriplaneField
 from ..hub import CheckpointError, load_strict, read_json, read_state_dict, resolve_file
 from ..noise import seeded
 from ..render import RenderSettings
-from .dinov2 import resize_position_table
+from .dinov2 import resize_position_table, tokens_with_cls
 from .lrm import Synthesizer, TriplaneTransformer, upsample_planes
 from .random_init import randomize_
 from .triplane import TriplaneModel
@@ -240,13 +240,8 @@ class ViTEmbeddings(nn.Module):
                                      ((grid_h + 0.1) / side, (grid_w + 0.1) / side))
 
     def forward(self, images: torch.Tensor) -> torch.Tensor:
-        n, _, height, width = images.shape
-        patch = self.patch_embeddings.patch
-        if height % patch or width % patch:
-            raise ValueError(f"image size {height}x{width} is not a multiple of the patch size {patch}")
-        x = self.patch_embeddings(images)  # (N, h*w, D)
-        x = torch.cat([self.cls_token.expand(n, -1, -1), x], 1)
-        return x + self.position_embedding(height // patch, width // patch)
+        return tokens_with_cls(images, self.patch_embeddings.patch, self.patch_embeddings, self.cls_token,
+                               self.position_embedding)
 
 
 class _PatchProjection(nn.Module):
