@@ -9,13 +9,16 @@ from __future__ import annotations
 
 import hashlib
 import threading
+import time
 from collections import OrderedDict
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
 import torch
+from PIL import Image
 
+from .cancel import Cancelled
 from .checkpoints import (DEMO_DMV3D_ID, DEMO_DMV3D_LABEL, INSTANTMESH_ID, INSTANTMESH_IMAGE_LABEL, INSTANTMESH_LABEL,
                           MVDREAM_CHECKPOINTS, OPENLRM_CHECKPOINTS, demo_dmv3d)
 from .hub import CheckpointError, hub_reachable, split_hub_file
@@ -24,13 +27,13 @@ from .models.zero123plus import LAYOUT as ZERO123PLUS_LAYOUT
 from .images import views_grid
 from .models.dmv3d import DEMO_CONFIG as DMV3D_DEMO_CONFIG
 from .models.lrm import PUBLISHED_CONFIGS, TINY_LRM_CONFIG
-from .pipelines.events import Event, Exported, Finished, Preview, SampleReady, Stage
+from .pipelines.events import Event, Exported, Finished, Preview, Queued, SampleReady, Stage
 from .pipelines.image_to_3d import ImageTo3D, ImageTo3DOptions, ImageTo3DResult
 from .pipelines.multiview_sample import INSTANT_NERF_LARGE, MultiViewOptions, MultiViewSample3D, ViewsImageTo3D
 from .pipelines.sample_3d import Sample3D, SampleOptions
 from .pipelines.sds import SDSControl
 from .pipelines.text_to_3d import QuickLookOptions, TextTo3D, TextTo3DOptions, TextTo3DResult
-from .sharing import DeviceLease
+from .sharing import DeviceLease, Ticket
 
 RANDOM_CHOICES = {
     "random-tiny (random weights)": TINY_LRM_CONFIG,
@@ -51,6 +54,11 @@ class ServiceSettings:
     max_loaded: int = 1  # pipelines kept in memory at once
     dmv3d: str | None = None  # a DMV3D checkpoint (repo id or folder) offered before the shipped demo model
     mvdream: str | None = None  # an MVDream checkpoint (repo id or folder, either layout) offered first
+    # the operator's limits of a public server (None: no limit)
+    max_waiting: int | None = 16  # short jobs waiting for the device at most
+    max_long_waiting: int | None = 4  # Text to 3D runs waiting at most (one runs at a time)
+    long_runs_per_visitor: int | None = 1  # Text to 3D runs one visitor may have going or waiting
+    max_text_steps: int | None = None  # the most steps one Text to 3D run may take
 
 
 class ModelService:
@@ -66,7 +74,7 @@ class ModelService:
         self._loaded: OrderedDict[str, ImageTo3D | Sample3D | MultiViewSample3D | TextTo3D] = OrderedDict()
         self._lock = threading.Lock()
         # the device, shared fairly: short jobs hold it whole, a Text to 3D run one step at a time
-        self.lease = DeviceLease()
+        self.lease = DeviceLease(settings.max_waiting, settings.max_long_waiting, settings.long_runs_per_visitor)
 
     @staticmethod
     def warm_up() -> threading.Thread:
@@ -132,6 +140,15 @@ class ModelService:
     def text_to_3d(self, name: str) -> TextTo3D:
         """MVDream for a dropdown value; raises CheckpointError with a user message."""
         return self._get(name, self._load_mvdream)
+
+    def text_steps(self, options: TextTo3DOptions) -> int:
+        """The steps ``options`` run on this server's device, or a one-line refusal above the operator's limit."""
+        steps, limit = options.recipe(self.device).steps, self.settings.max_text_steps
+        if limit is not None and steps > limit:
+            needs = f"the {options.preset} schedule needs" if options.label != "custom" else "you asked for"
+            raise ValueError(f"this server runs at most {limit:,} steps per Text to 3D run ({needs} {steps:,}): "
+                             f"choose custom with {limit:,} or fewer")
+        return steps
 
     def _get(self, name: str, load):
         with self._lock:
@@ -234,12 +251,50 @@ class MeshFile(Event):
 
 @dataclass
 class ImageOutputs:
-    """What an Image to 3D job leaves: the result, the processed input and the GLB, both written."""
+    """What an Image to 3D job leaves: the result, the processed input (written at 320 px or more for the page) and
+    the GLB."""
 
     result: ImageTo3DResult
     processed: Path
     glb: Path
     random_weights: bool
+
+    def summary(self) -> dict:
+        """The job's result for API callers (the files are sent beside it): how it was made and what it took."""
+        result = self.result
+        return {"checkpoint": result.metadata.get("checkpoint"), "seconds": seconds_table(result.timings),
+                "triangles": result.stats.get("faces"), "vertices": result.stats.get("vertices"),
+                "notes": list(result.notes), "random_weights": self.random_weights}
+
+
+def seconds_table(timings: dict[str, float]) -> dict[str, float]:
+    """Stage -> seconds (ms precision) with their total."""
+    table = {stage: round(seconds, 3) for stage, seconds in timings.items()}
+    return table | {"total": round(sum(timings.values()), 3)}
+
+
+@dataclass
+class SamplesOutputs:
+    """What a Stochastic samples job leaves beside its samples: the comparison image and the seconds per stage."""
+
+    comparison: Path
+    seconds: dict[str, float]
+
+
+def waiting_turn(ticket: Ticket, cancel) -> Iterator[Queued]:
+    """A queued job's place in line, as events, until its turn comes."""
+    for place in ticket.places(cancel):
+        yield Queued(fraction=0.0, message=f"Waiting for the device: {place.text()}", position=place.position,
+                     wait_s=place.wait_s)
+
+
+def in_line(service: ModelService, kind: str, session: str, job: Iterator[Event], cancel,
+            work: float = 1.0) -> Iterator[Event]:
+    """A short job: its place in the short jobs' line (refused when the line is full), then ``job`` holding the
+    device; its time per unit of ``work`` is kept under ``kind`` for the line's estimates."""
+    with service.lease.short_job(kind, session, work) as ticket:
+        yield from waiting_turn(ticket, cancel)
+        yield from job
 
 
 def image_job(service: ModelService, sessions, session: str, checkpoint: str, image_path: str,
@@ -247,8 +302,9 @@ def image_job(service: ModelService, sessions, session: str, checkpoint: str, im
     """One visitor's Image to 3D job, meant for a worker thread: load the checkpoint, run the pipeline (an LRM, or
     Zero123++ views read by InstantMesh), write the GLB and the processed input into the visitor's folder; ends
     with :class:`Finished` of :class:`ImageOutputs`."""
-    with service.lease.short(cancel):
-        yield from _image_job(service, sessions, session, checkpoint, image_path, options, cancel)
+    work = _image_job(service, sessions, session, checkpoint, image_path, options, cancel)
+    yield from in_line(service, f"Image to 3D: {checkpoint}", session, work, cancel,
+                       work=(options.mesh_resolution / 128) ** 3)  # meshing grows with the grid
 
 
 def _image_job(service: ModelService, sessions, session: str, checkpoint: str, image_path: str,
@@ -263,9 +319,20 @@ def _image_job(service: ModelService, sessions, session: str, checkpoint: str, i
         yield Stage(name="write", fraction=0.97, message="Writing the GLB")
         glb = result.save_glb(sessions.output_path(session, Path(image_path).stem, ".glb"))
         processed = sessions.output_path(session, "input", ".png")
-        result.processed_image.save(processed)
+        shown_size(result.processed_image).save(processed)
         yield Finished(fraction=1.0, message=event.message,
                        result=ImageOutputs(result, processed, glb, pipe.random_weights))
+
+
+SHOWN_SIZE = 320  # the processed input is written at least this large, so that the page shows it readably
+
+
+def shown_size(image: Image.Image, size: int = SHOWN_SIZE) -> Image.Image:
+    """``image`` scaled up to at least ``size`` pixels a side (a small model input would be a thumbnail)."""
+    if min(image.size) >= size:
+        return image
+    scale = size / min(image.size)
+    return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
 
 
 def file_digest(path: str | Path) -> str:
@@ -296,16 +363,20 @@ class PreviewFiles:
 def sample_job(service: ModelService, sessions, session: str, checkpoint: str, image_path: str,
                options: SampleOptions | MultiViewOptions, shown: list[ShownSample], cancel) -> Iterator[Event]:
     """One visitor's Stochastic samples job, meant for a worker thread: a :class:`PreviewFile` of the current x0
-    views at every step, a :class:`SampleShown` per finished seed, and :class:`Finished` with the path of a
-    comparison image of ``shown`` and the new samples together (which must come from the same checkpoint)."""
-    with service.lease.short(cancel):
-        yield from _sample_job(service, sessions, session, checkpoint, image_path, options, shown, cancel)
+    views at every step, a :class:`SampleShown` per finished seed, and :class:`Finished` with
+    :class:`SamplesOutputs`: a comparison image of ``shown`` and the new samples together (which must come from the
+    same checkpoint) and the seconds per stage. It waits for its turn in the short jobs' line first."""
+    work = _sample_job(service, sessions, session, checkpoint, image_path, options, shown, cancel)
+    yield from in_line(service, f"Stochastic samples: {checkpoint}", session, work, cancel,
+                       work=len(options.seeds) * options.steps)
 
 
 def _sample_job(service: ModelService, sessions, session: str, checkpoint: str, image_path: str,
                 options: SampleOptions | MultiViewOptions, shown: list[ShownSample], cancel) -> Iterator[Event]:
+    timings, start = {}, time.perf_counter()
     yield Stage(name="load", fraction=0.0, message="Loading the checkpoint")
     pipe = service.sample_3d(checkpoint)
+    timings["load"], start = time.perf_counter() - start, time.perf_counter()
     samples, previews, digest = list(shown), PreviewFiles(sessions, session, "preview", size=96), file_digest(image_path)
     for event in pipe.run(image_path, options, cancel):
         if isinstance(event, Preview):
@@ -323,10 +394,12 @@ def _sample_job(service: ModelService, sessions, session: str, checkpoint: str, 
             yield SampleShown(fraction=event.fraction, message=event.message, sample=samples[-1])
         elif not isinstance(event, Finished):
             yield event
+    timings["sampling_and_meshing"], start = time.perf_counter() - start, time.perf_counter()
     yield Stage(name="compare", fraction=1.0, message="Rendering the comparison")
     grid = sessions.output_path(session, "comparison", ".png")
     pipe.comparison(samples, cancel=cancel).save(grid)
-    yield Finished(fraction=1.0, message=f"{len(samples)} samples", result=grid)
+    timings["comparison"] = time.perf_counter() - start
+    yield Finished(fraction=1.0, message=f"{len(samples)} samples", result=SamplesOutputs(grid, timings))
 
 
 def text_job(service: ModelService, sessions, session: str, checkpoint: str, prompt: str,
@@ -334,11 +407,23 @@ def text_job(service: ModelService, sessions, session: str, checkpoint: str, pro
     """One visitor's Text to 3D job, meant for a worker thread. Passes the SDS events on, previews as
     :class:`PreviewFile`; each mesh (an export request, then the end) is written as a GLB and comes as a
     :class:`MeshFile`; :class:`Finished` carries the last one. The run shares the device with short jobs
-    (``service.lease``): it gives it up between steps whenever one waits."""
+    (``service.lease``): it waits for its turn in the long runs' line (one at a time, the operator's limits
+    refuse it at once), then gives the device up between steps whenever a short job waits."""
+    with service.lease.long_run("Text to 3D", session, service.text_steps(options)) as ticket:
+        for event in waiting_turn(ticket, cancel):
+            if control.stop.is_set():  # Stop & keep while it waits: there is nothing to keep, it leaves the line
+                raise Cancelled("stopped while waiting in line")
+            yield event
+        control.started.set()
+        yield from _text_job(service, sessions, session, checkpoint, prompt, options, control, ticket, cancel)
+
+
+def _text_job(service: ModelService, sessions, session: str, checkpoint: str, prompt: str,
+              options: TextTo3DOptions, control: SDSControl, ticket: Ticket, cancel) -> Iterator[Event]:
     yield Stage(name="load", fraction=0.0, message="Loading MVDream")
-    with service.lease.step(cancel):  # loading uses the device as a step does
+    with ticket.hold(cancel, "load"):  # loading uses the device as a step does (timed apart)
         pipe = service.text_to_3d(checkpoint)
-    control.lease = service.lease
+    control.lease = ticket
     previews = PreviewFiles(sessions, session, "text-preview")
     for event in pipe.generate(prompt, options, control=control, cancel=cancel, source=checkpoint):
         if isinstance(event, Preview):
@@ -358,8 +443,8 @@ def text_job(service: ModelService, sessions, session: str, checkpoint: str, pro
 def quick_look_job(service: ModelService, sessions, session: str, checkpoint: str, prompt: str,
                    options: QuickLookOptions, cancel) -> Iterator[Event]:
     """Four views of what the prior imagines for the prompt (plain DDIM); :class:`Finished` with a PNG path."""
-    with service.lease.short(cancel):
-        yield from _quick_look_job(service, sessions, session, checkpoint, prompt, options, cancel)
+    work = _quick_look_job(service, sessions, session, checkpoint, prompt, options, cancel)
+    yield from in_line(service, f"Quick look: {checkpoint}", session, work, cancel, work=options.steps or 50)
 
 
 def _quick_look_job(service: ModelService, sessions, session: str, checkpoint: str, prompt: str,

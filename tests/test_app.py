@@ -12,6 +12,7 @@ import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -23,6 +24,8 @@ pytestmark = pytest.mark.slow
 RANDOM_TINY = "random-tiny (random weights)"
 OUTPUT_TTL_S = 20  # the test app removes the files of callers without a browser session after this
 CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
+# screenshots of what a visitor sees, kept after the run (CI can publish the folder)
+ARTEFACTS = Path(os.environ.get("RECON3D_TEST_ARTEFACTS", ROOT / "test-artefacts"))
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--disable-dev-shm-usage", "--use-gl=angle",
                  "--use-angle=swiftshader", "--enable-unsafe-swiftshader"]
@@ -122,11 +125,14 @@ def test_uploads_are_checked_by_recon3d_with_one_line_messages(app_url, tmp_path
         with pytest.raises(Exception, match=message):  # refused, not clamped
             client.predict(handle_file(str(ROOT / "examples" / "duck.png")), RANDOM_TINY, True, ratio, resolution,
                            True, api_name="/image_to_3d")
-    processed, viewer_glb, file_glb, timings = client.predict(
+    file_glb, processed, result = client.predict(
         handle_file(str(ROOT / "examples" / "duck.png")), RANDOM_TINY, True, 0.8, 64, True, api_name="/image_to_3d")
     positions, normals, colours, indices = glb_summary(file_glb)
     assert len(positions) > 100 and len(indices) > 100
-    assert "| encoder |" in timings and "| glb write |" in timings and "Random weights" in timings
+    seconds = result["seconds"]
+    assert seconds["encoder"] > 0 and seconds["glb_write"] > 0 and seconds["total"] >= sum(
+        value for stage, value in seconds.items() if stage != "total") - 0.01
+    assert (result["triangles"], result["random_weights"]) == (len(indices), True)
 
 
 def require_chromium():
@@ -134,6 +140,14 @@ def require_chromium():
         if os.environ.get("CI"):
             pytest.fail(f"Chromium is missing at {CHROMIUM}: .ci/run must install it")
         pytest.skip("Chromium is not installed (apt-get install chromium)")
+
+
+def screenshot(page, name: str) -> Path:
+    """Save what the page shows now as test-artefacts/screenshots/NAME.png (the whole page)."""
+    path = ARTEFACTS / "screenshots" / f"{name}.png"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    page.screenshot(path=str(path), full_page=True)
+    return path
 
 
 @contextlib.contextmanager
@@ -162,7 +176,10 @@ def test_real_browser_shows_the_mesh_and_its_files_go_with_the_tab(app_url, tmp_
         canvas = page.locator("#viewer canvas")
         canvas.wait_for(state="visible", timeout=90000)
         centre = wait_for_mesh_pixels(page, canvas)
-        page.screenshot(path=str(tmp_path / "app.png"))
+        screenshot(page, "image-to-3d")
+        processed = page.locator("#processed img")
+        processed.wait_for(state="visible", timeout=30000)
+        processed_width = processed.evaluate("img => img.naturalWidth")
         link = page.locator("#download a").first.get_attribute("href")
         glb_url = link if link.startswith("http") else app_url.rstrip("/") + link
         served_during_session = http_status(glb_url)
@@ -172,6 +189,7 @@ def test_real_browser_shows_the_mesh_and_its_files_go_with_the_tab(app_url, tmp_
             time.sleep(0.5)
         served_after_session = http_status(glb_url)
     assert shows_mesh(centre), "the centre of the viewer shows no mesh"
+    assert processed_width >= 320  # the processed input at a readable size, not the tiny model's 32 px
     assert served_during_session == 200
     assert served_after_session in GONE, "the GLB is still served after its visitor left"
 
@@ -190,7 +208,7 @@ def test_a_job_whose_visitor_left_is_cancelled(app_url):
     client = Client(app_url, verbose=False)
     outputs = client.predict(handle_file(str(ROOT / "examples" / "duck.png")), RANDOM_TINY, True, 0.8, 64, True,
                              api_name="/image_to_3d")
-    glb_summary(outputs[2])
+    glb_summary(outputs[0])
     assert time.time() - started < 20  # the abandoned 512^3 job (minutes) no longer holds the only GPU slot
 
 
@@ -284,7 +302,7 @@ def rest_generate(url, image):
         uploaded = httpx.post(f"{url}gradio_api/upload", files={"files": (image.name, handle, "image/png")}).json()[0]
     kind, outputs = rest_call(url, {"path": uploaded, "meta": {"_type": "gradio.FileData"}})
     assert kind == "complete", outputs
-    return outputs[2]["url"], f"{url}gradio_api/file={uploaded}"
+    return outputs[0]["url"], f"{url}gradio_api/file={uploaded}"
 
 
 def http_status(url):
@@ -345,8 +363,7 @@ def test_cancel_frees_the_queue_for_the_next_job(app_url):
     time.sleep(1)  # well inside the grid queries
     assert slow.cancel()
     started = time.time()
-    processed, viewer_glb, file_glb, timings = client.predict(duck, RANDOM_TINY, True, 0.8, 64, True,
-                                                              api_name="/image_to_3d")
+    file_glb, processed, result = client.predict(duck, RANDOM_TINY, True, 0.8, 64, True, api_name="/image_to_3d")
     glb_summary(file_glb)
     # one GPU slot: the next job (about a second) could only start once the cancelled 512^3 job (minutes) let go
     assert time.time() - started < 20
@@ -362,7 +379,7 @@ def test_readme_client_example_runs_against_random_weights(app_url, tmp_path, mo
     namespace = {}
     exec(compile(code, "README.md", "exec"), namespace)
     glb_summary(namespace["glb_file"])
-    assert "**total**" in namespace["timings_md"] and "Random weights" in namespace["timings_md"]
+    assert namespace["result"]["seconds"]["total"] > 0 and namespace["result"]["random_weights"] is True
 
 
 RANDOM_DMV3D = "random DMV3D (random weights, demo shapes)"
@@ -402,8 +419,10 @@ def test_samples_tab_streams_three_seeds_into_three_distinct_glbs_and_more_keeps
     assert {"/sample_3d", "/more_samples"} <= set(client.view_api(print_info=False,
                                                                   return_format="dict")["named_endpoints"])
     job = sample_call(client, seeds="1, 7, 42")
-    status, preview, comparison, files, *slots = job.result()
+    status, preview, comparison, files, views, result = job.result()
     assert len(files) == 3 and "3 samples (seeds 1, 7, 42)" in status and "Random weights" in status
+    assert (result["seeds"], result["steps"], result["checkpoint"], views) == ([1, 7, 42], 4, RANDOM_DMV3D, None)
+    assert result["seconds"]["sampling_and_meshing"] > 0 and result["random_weights"] is True
     digests = {hashlib.sha256(open(path, "rb").read()).hexdigest() for path in files}
     assert len(digests) == 3  # three different objects
     for path, seed in zip(files, (1, 7, 42)):
@@ -417,10 +436,7 @@ def test_samples_tab_streams_three_seeds_into_three_distinct_glbs_and_more_keeps
     assert len(previews) >= 4  # a new x0 preview at every step, before the samples were done
     assert Image.open(sorted(previews)[0]).size == (4 * 96, 3 * 96)  # three samples x four views
     assert not any(isinstance(update[3], list) for update in streamed[:4])  # the samples came after the previews
-    captions, viewers = streamed_slots(job.outputs(), 4), streamed_slots(job.outputs(), 12)
-    assert captions[:3] == ["**Seed 1** · random weights", "**Seed 7** · random weights",
-                            "**Seed 42** · random weights"] and captions[3:] == [None] * 5
-    assert all(str(v).endswith(".glb") for v in viewers[:3]) and viewers[3:] == [None] * 5
+    assert len(job.outputs()[0]) == 6  # the result, not the page's slots (those are a page-only event)
     assert [len(update[3]) for update in streamed if isinstance(update[3], list)][-3:] == [1, 2, 3]  # files grow
 
     again = sample_call(client, seeds="7", count=1).result()[3]  # seed 7 alone: the same object as in the batch
@@ -428,12 +444,12 @@ def test_samples_tab_streams_three_seeds_into_three_distinct_glbs_and_more_keeps
     assert first_positions.shape == again_positions.shape and np.abs(first_positions - again_positions).max() < 1e-4
 
     more = sample_call(client, count=2, api_name="/more_samples").result()  # adds two new seeds to those shown
-    status, _, comparison, more_files, *_ = more
+    status, _, comparison, more_files, _, result = more
     assert len(more_files) == 3 and "3 samples" in status  # the seed-7 call started over, then two were added
     assert comparison_cells(comparison) == (4, 3)
     assert open(more_files[0], "rb").read() == open(again[0], "rb").read()
     seeds = [glb_extras(path)["seed"] for path in more_files]
-    assert seeds[0] == 7 and len(set(seeds)) == 3
+    assert seeds[0] == 7 and len(set(seeds)) == 3 and result["seeds"] == seeds
     listed = sample_call(client, seeds="7", count=1, api_name="/more_samples").result()[3]  # 7 shown: a new one
     assert len(listed) == 4 and glb_extras(listed[3])["seed"] not in seeds
     with pytest.raises(Exception, match="More samples adds to samples of the same image and checkpoint"):
@@ -452,16 +468,16 @@ def test_samples_tab_serves_zero123plus_instantmesh_with_each_samples_six_views(
 
     client = Client(app_url, verbose=False)
     job = sample_call(client, seeds="3, 5", count=2, steps=2, checkpoint=RANDOM_INSTANTMESH)
-    status, preview, comparison, files, *slots = job.result()
+    status, preview, comparison, files, views, result = job.result()
     assert len(files) == 2 and "2 samples (seeds 3, 5)" in status and "Random weights" in status
+    assert result["seeds"] == [3, 5] and result["checkpoint"] == RANDOM_INSTANTMESH
     for path, seed in zip(files, (3, 5)):
         glb_summary(path)
         extras = glb_extras(path)
         assert (extras["method"], extras["seed"], extras["steps"], extras["guidance"]) == \
             ("Zero123++ v1.2 -> InstantMesh NeRF", seed, 2, 4.0)
         assert extras["reconstruct_at"] == [] and extras["random_weights"] is True
-    views = streamed_slots(job.outputs(), 28)
-    assert all(str(v).endswith(".png") for v in views[:2]) and views[2:] == [None] * 6
+    assert len(views) == 2 and all(str(v).endswith(".png") for v in views)  # each sample's generated views
     assert Image.open(views[0]).size == (2 * 32, 3 * 32)  # the six views, 3 rows x 2 columns (tiny: 32 px each)
     assert Image.open(views[0]).tobytes() != Image.open(views[1]).tobytes()  # two seeds, two samples
     assert comparison_cells(comparison) == (4, 2)
@@ -473,7 +489,7 @@ def test_image_to_3d_serves_instantmesh_on_zero123plus_views(app_url):
     from PIL import Image
 
     client = Client(app_url, verbose=False)
-    processed, viewer_glb, glb_file, timings = client.predict(
+    glb_file, processed, result = client.predict(
         handle_file(str(ROOT / "examples" / "duck.png")), RANDOM_INSTANTMESH, False, 0.85, 64, True,
         api_name="/image_to_3d")
     glb_summary(glb_file)
@@ -481,25 +497,7 @@ def test_image_to_3d_serves_instantmesh_on_zero123plus_views(app_url):
     assert extras["method"] == "Zero123++ v1.2 -> InstantMesh NeRF (Image to 3D, one seed)"
     assert (extras["seed"], extras["steps"], extras["foreground_ratio"]) == (42, 75, 0.85)
     assert Image.open(processed).size == (512, 512)
-    assert "views, reconstruction and mesh" in timings and "Random weights" in timings
-
-
-def shown(update):
-    """What a slot of the page shows: its value when visible (the API sends slots as visibility updates)."""
-    if isinstance(update, dict):
-        return update.get("value") if update.get("visible") else None
-    return update
-
-
-def streamed_slots(outputs, first: int, count: int = 8) -> list:
-    """What each of ``count`` slots (outputs[first:first + count]) shows after all the streamed updates."""
-    values = [None] * count
-    for output in outputs:
-        for index, update in enumerate(output[first:first + count]):
-            if isinstance(update, dict) and "value" not in update:
-                continue  # left as it was
-            values[index] = shown(update)
-    return values
+    assert result["seconds"]["views, reconstruction and mesh"] > 0 and result["random_weights"] is True
 
 
 def test_samples_tab_refuses_bad_seeds_counts_and_steps_in_one_line(app_url):
@@ -532,7 +530,7 @@ def test_real_browser_cancel_says_it_cancelled(app_url, tmp_path):
         page.locator("#cancel").click()
         page.wait_for_function("document.querySelector('#timings').innerText.includes('Cancelled.')", timeout=30000)
         text = page.inner_text("#timings")
-        page.screenshot(path=str(tmp_path / "cancelled.png"))
+        screenshot(page, "image-to-3d-cancelled")
     assert "The job was stopped; nothing was kept from it." in text
 
 
@@ -546,6 +544,7 @@ def test_real_browser_shows_samples_side_by_side_with_a_live_preview(app_url, tm
         page.locator("#samples-image input[type=file]").set_input_files(str(ROOT / "examples" / "duck.png"))
         page.locator("#samples-seeds textarea").fill("1, 2, 3")
         page.locator("#samples-steps input").fill("4")
+        waiting = [page.locator(f"#sample-{index}").is_visible() for index in range(8)]  # no wall of empty viewers
         page.locator("#samples-generate").click()
         page.locator("#samples-preview img").wait_for(state="visible", timeout=90000)  # x0 views while it runs
         centres = []
@@ -555,17 +554,17 @@ def test_real_browser_shows_samples_side_by_side_with_a_live_preview(app_url, tm
             centres.append(wait_for_mesh_pixels(page, canvas))
         page.locator("#samples-comparison img").wait_for(state="visible", timeout=60000)
         captions = [page.inner_text(f"#sample-caption-{index}") for index in range(3)]
-        hidden = page.locator("#sample-caption-3").count() + page.locator("#sample-file-3").count()
+        hidden = [page.locator(f"#sample-{part}3").is_visible() for part in ("", "caption-", "file-", "views-")]
         views = [page.locator(f"#sample-views-{index} img") for index in range(3)]
         for image in views:
             image.wait_for(state="visible", timeout=30000)  # each sample's six generated views
         view_sizes = [image.evaluate("img => [img.naturalWidth, img.naturalHeight]") for image in views]
-        page.screenshot(path=str(tmp_path / "samples.png"))
+        screenshot(page, "samples")
     assert model == RANDOM_INSTANTMESH and default_steps == "75"  # the pair is the default, with its own steps
     assert view_sizes == [[64, 96]] * 3  # 3 rows x 2 columns of the tiny model's 32 px views
     assert all(shows_mesh(centre) for centre in centres), "a sample's viewer shows no mesh"
     assert [caption.split()[:2] for caption in captions] == [["Seed", "1"], ["Seed", "2"], ["Seed", "3"]]
-    assert hidden == 0  # the fourth slot shows no seed and no file
+    assert waiting == [False] * 8 and hidden == [False] * 4  # slots appear as samples arrive; the fourth never did
 
 
 # ---- Text to 3D -----------------------------------------------------------------------------------------------------
@@ -591,13 +590,15 @@ def test_text_tab_streams_progress_previews_and_a_final_glb(app_url):
     assert {"/text_to_3d", "/quick_look", "/stop_text_to_3d", "/export_text_to_3d"} <= set(
         client.view_api(print_info=False, return_format="dict")["named_endpoints"])
     job = text_call(client)
-    status = job.result()[0]
-    plot, viewer, download = (last_sent(job.outputs(), index) for index in (2, 3, 4))
+    status, *_, result = job.result()
+    plot, download = (last_sent(job.outputs(), index) for index in (2, 3))
     assert status.startswith("Done at step 3/3") and "Random weights" in status
+    assert (result["steps_done"], result["steps"], result["ended"], result["seed"], result["preset"]) == \
+        (3, 3, "done", 5, "custom") and result["seconds"] > 0
     extras = glb_extras(download)
     assert (extras["prompt"], extras["seed"], extras["preset"], extras["steps"]) == ("a red chair", 5, "custom", 3)
     assert extras["method"] == "MVDream SDS" and extras["random_weights"] is True
-    positions, *_ = glb_summary(viewer)
+    positions, *_ = glb_summary(download)
     assert len(positions) > 0
     streamed = job.outputs()
     steps = [update[0] for update in streamed if isinstance(update[0], str) and update[0].startswith("Step ")]
@@ -623,9 +624,8 @@ def test_an_image_to_3d_job_does_not_wait_for_a_long_text_to_3d_run(app_url):
     while time.time() < deadline and sum(str(u[0]).startswith("Step ") for u in job.outputs()) < 2:
         time.sleep(0.2)
     started = time.time()
-    processed, _, glb, _ = visitor.predict(handle_file(str(ROOT / "examples" / "duck.png")),
-                                           "random-tiny (random weights)", False, 0.8, 64, True,
-                                           api_name="/image_to_3d")
+    glb, *_ = visitor.predict(handle_file(str(ROOT / "examples" / "duck.png")), "random-tiny (random weights)",
+                              False, 0.8, 64, True, api_name="/image_to_3d")
     took = time.time() - started
     assert not job.done()  # the long run is still going ...
     glb_summary(glb)
@@ -640,8 +640,8 @@ def test_the_text_to_3d_endpoints_result_holds_its_glb(app_url):
     from gradio_client import Client
 
     client = Client(app_url, verbose=False)
-    status, *_, download = client.predict("a small vase", "", "custom", 2, 4, 50, RANDOM_MVDREAM,
-                                          api_name="/text_to_3d")
+    status, preview, plot, download, result = client.predict("a small vase", "", "custom", 2, 4, 50, RANDOM_MVDREAM,
+                                                             api_name="/text_to_3d")
     assert status.startswith("Done at step 2/2") and str(download).endswith(".glb")
     glb_summary(download)
     assert glb_extras(download)["prompt"] == "a small vase"
@@ -657,13 +657,13 @@ def test_text_tab_exports_mid_run_and_stop_keeps_the_state(app_url):
     while time.time() < deadline and sum(str(u[0]).startswith("Step ") for u in job.outputs()) < 2:
         time.sleep(0.2)
     assert "Exporting" in client.predict(api_name="/export_text_to_3d")
-    while time.time() < deadline and not any(isinstance(u[4], str) for u in job.outputs()):
+    while time.time() < deadline and not any(isinstance(u[3], str) for u in job.outputs()):
         time.sleep(0.2)
-    mid_run = next(u[4] for u in job.outputs() if isinstance(u[4], str))
+    mid_run = next(u[3] for u in job.outputs() if isinstance(u[3], str))
     assert not job.done() and glb_extras(mid_run)["steps_done"] >= 2  # a GLB while the job goes on
     assert "Stopping" in client.predict(api_name="/stop_text_to_3d")
     status = job.result(timeout=120)[0]
-    extras = glb_extras(last_sent(job.outputs(), 4))
+    extras = glb_extras(last_sent(job.outputs(), 3))
     assert status.startswith("Stopped at step") and extras["stopped"] == "stop"
     assert extras["steps_done"] < 500 and f"step {extras['steps_done']}/500" in status.replace(",", "")
 
@@ -692,7 +692,7 @@ def test_text_tab_says_when_a_long_prompt_was_cut(app_url):
     client = Client(app_url, verbose=False)
     job = text_call(client, "a very " + "very " * 90 + "tall tower", steps=1)
     status = job.result()[0]
-    assert "longer than 75 tokens" in status and glb_extras(last_sent(job.outputs(), 4))["prompt_truncated"] is True
+    assert "longer than 75 tokens" in status and glb_extras(last_sent(job.outputs(), 3))["prompt_truncated"] is True
 
 
 def test_real_browser_sees_the_text_preview_update_and_the_mesh(app_url, tmp_path):
@@ -701,8 +701,13 @@ def test_real_browser_sees_the_text_preview_update_and_the_mesh(app_url, tmp_pat
         page.wait_for_selector("#text-generate", timeout=60000)
         page.locator("#text-prompt textarea").fill("a blue mug")
         page.locator("#text-preset").get_by_label("custom").check()
-        page.locator("#text-steps input").fill("2")
+        page.locator("#text-steps input").fill("6")
         page.locator("#text-generate").click()
+        page.wait_for_function("document.querySelector('#text-status').innerText.includes('Step ')", timeout=120000)
+        page.locator("#text-export").click()
+        page.wait_for_function("document.querySelector('#text-switch-note').innerText.includes('Exporting')",
+                               timeout=30000)
+        during_export = page.inner_text("#text-status")  # the step line stays in view beside the note
         image = page.locator("#text-preview img")
         image.wait_for(state="visible", timeout=120000)
         sources = {image.get_attribute("src")}
@@ -714,7 +719,79 @@ def test_real_browser_sees_the_text_preview_update_and_the_mesh(app_url, tmp_pat
         canvas.wait_for(state="visible", timeout=300000)
         centre = wait_for_mesh_pixels(page, canvas, timeout=120)
         status = page.inner_text("#text-status")
-        page.screenshot(path=str(tmp_path / "text.png"))
+        page.wait_for_function("document.querySelector('#text-status').innerText.includes('Done')", timeout=300000)
+        page.wait_for_function("document.querySelector('#text-switch-note').innerText.trim() === ''", timeout=30000)
+        status, note = page.inner_text("#text-status"), page.inner_text("#text-switch-note")
+        screenshot(page, "text-to-3d")
     assert len(sources) >= 2, "the preview never refreshed"
     assert shows_mesh(centre), "the viewer shows no mesh"
-    assert "Done at step 2/2" in status
+    assert during_export.startswith("Step ") and "left" in during_export
+    assert "Done at step 6/6" in status and note.strip() == ""  # the export arrived: its note is gone
+
+
+def test_real_browser_a_refused_upload_says_why_next_to_the_input_which_empties(app_url, tmp_path):
+    notes = tmp_path / "notes.png"
+    notes.write_text("a text file with an image's name")
+    with browser_page(app_url, 1280, 1100) as page:
+        for tab, elem in (("Image to 3D", "input-image"), ("Stochastic samples", "samples-image")):
+            page.get_by_role("tab", name=tab).click()
+            page.locator(f"#{elem} input[type=file]").set_input_files(str(notes))
+            page.wait_for_function(f"document.querySelector('#{elem}-note').innerText.includes('not an image')",
+                                   timeout=30000)
+            note = page.inner_text(f"#{elem}-note")
+            time.sleep(0.5)
+            emptied = page.locator(f"#{elem} img").count() == 0
+            screenshot(page, f"refused-upload-{elem}")
+            assert note.strip() == "⚠️ notes.png: not an image file (PNG, JPEG or WebP expected)" and emptied
+            page.locator(f"#{elem} input[type=file]").set_input_files(str(ROOT / "examples" / "duck.png"))
+            page.wait_for_function(f"document.querySelector('#{elem}-note').innerText.trim() === ''", timeout=30000)
+
+
+def test_real_browser_on_a_phone_every_tab_is_in_reach(app_url):
+    with browser_page(app_url, 390, 844) as page:
+        page.wait_for_selector("#generate", timeout=60000)
+        time.sleep(1)
+        visible = [page.get_by_role("tab", name=name).is_visible()
+                   for name in ("Image to 3D", "Stochastic samples", "Text to 3D")]
+        screenshot(page, "phone-390px")
+        page.get_by_role("tab", name="Text to 3D").click()
+        page.wait_for_selector("#text-generate", timeout=30000)
+    assert visible == [True, True, True]  # none behind a "..." menu
+
+
+def test_a_waiting_job_knows_its_place_and_one_visitor_runs_one_long_job(app_url):
+    from gradio_client import Client, handle_file
+
+    first, second = Client(app_url, verbose=False), Client(app_url, verbose=False)
+    duck = handle_file(str(ROOT / "examples" / "duck.png"))
+    slow = first.submit(duck, RANDOM_TINY, True, 0.8, 512, True, api_name="/image_to_3d")  # minutes on a CPU
+    deadline = time.time() + 60
+    while time.time() < deadline and not (slow.status().progress_data or []):
+        time.sleep(0.2)
+    quick = second.submit(duck, RANDOM_TINY, True, 0.8, 64, True, api_name="/image_to_3d")
+    said = set()
+    while time.time() < deadline and not any(text.startswith("Waiting for the device: next in line") for text in said):
+        said |= {unit.desc for unit in (quick.status().progress_data or []) if unit.desc}
+        time.sleep(0.1)
+    slow.cancel()
+    glb, _, result = quick.result(timeout=120)
+    glb_summary(glb)
+    assert any(text.startswith("Waiting for the device: next in line") for text in said), said
+    run = text_call(first, "a long run", steps=500, seed=1)
+    while time.time() < deadline + 60 and not any(str(u[0]).startswith("Step ") for u in run.outputs()):
+        time.sleep(0.2)
+    with pytest.raises(Exception, match="You already have a Text to 3D run going or waiting"):
+        text_call(first, "another", steps=5).result(timeout=60)  # the same visitor, while the first goes on
+    queued, said = text_call(second, "a queued run", steps=5), set()  # another visitor: waits for the first
+    while time.time() < deadline + 120 and not any(text.startswith("Waiting for the device: next in line")
+                                                   for text in said):
+        said |= {unit.desc for unit in (queued.status().progress_data or []) if unit.desc}
+        time.sleep(0.1)
+    assert any(text.startswith("Waiting for the device: next in line") for text in said), said
+    assert second.predict(api_name="/export_text_to_3d") == "Your run is still waiting in line: nothing to export yet."
+    assert second.predict(api_name="/stop_text_to_3d") == "Your run had not started: it leaves the line."
+    with pytest.raises(Exception, match="The job was cancelled"):
+        queued.result(timeout=60)
+    assert not run.done()
+    assert "Stopping" in first.predict(api_name="/stop_text_to_3d")
+    run.result(timeout=120)

@@ -55,10 +55,39 @@ def test_form_limits_are_the_librarys():
 def test_the_server_passes_its_ttl_to_a_janitor(tmp_path):
     import threading
 
-    demo, sessions = app.serve(app.parse_args(["--random-weights", "--output-ttl", "7"]), tmp_path / "outputs")
+    demo, sessions, _ = app.serve(app.parse_args(["--random-weights", "--output-ttl", "7"]), tmp_path / "outputs")
     assert sessions.ttl_s == 7.0 and sessions.root == tmp_path / "outputs"
     assert any(thread.name == "recon3d-outputs-janitor" and thread.is_alive() for thread in threading.enumerate())
-    assert demo._queue.max_size == 16
+
+
+def test_the_operators_limits_are_app_options_that_reach_the_queues_and_the_form(tmp_path):
+    from recon3d.app.text_tab import form_options
+    from recon3d.sharing import QueueRefused
+
+    args = app.parse_args(["--random-weights", "--max-queue", "3", "--max-long-queue", "2",
+                           "--long-runs-per-visitor", "1", "--max-text-steps", "500"])
+    demo, _, service = app.serve(args, tmp_path / "outputs")
+    lease = service.lease
+    assert (lease.max_waiting, lease.max_long_waiting, lease.long_runs_per_owner) == (3, 2, 1)
+    assert component(demo, "text-steps")["props"]["label"] == "Steps for custom (1..500 on this server)"
+    assert "over this server's limit of 500" in component(demo, "text-steps")["props"]["info"]  # fast: 2,000
+    assert service.text_steps(form_options("custom", 500, 0, 50, "")) == 500
+    with pytest.raises(ValueError, match=r"^this server runs at most 500 steps per Text to 3D run \(the fast "):
+        service.text_steps(form_options("fast", None, 0, 50, ""))
+    for _ in range(3):
+        lease.short_job("Image to 3D")
+    with pytest.raises(QueueRefused, match="the queue is full"):
+        lease.short_job("Image to 3D")
+    with pytest.raises(SystemExit):
+        app.parse_args(["--max-queue", "0"])
+    assert app.parse_args([]).max_text_steps is None  # no limit but the library's by default
+
+
+def test_the_page_reads_its_limits_from_the_service_settings():
+    from recon3d.app.text_tab import steps_field
+
+    limited = ModelService(ServiceSettings(random_weights=True, max_text_steps=20000))
+    assert "over this server" not in steps_field("quality", limited)["info"]  # 10,000 fits under 20,000
 
 
 class Clock:
@@ -79,10 +108,12 @@ def test_an_api_callers_files_expire_after_the_ttl(tmp_path):
     upload.write_bytes((ROOT / "examples" / "duck.png").read_bytes())  # a caller's own upload, not an example
     sessions = Sessions(tmp_path / "outputs", ttl_s=60, clock=clock)
     handler = image_tab.make_handler(ModelService(ServiceSettings(random_weights=True)), sessions)
-    processed, glb, _, timings = asyncio.run(handler(str(upload), "random-tiny (random weights)", False, 0.8, 64,
-                                                     True, progress=lambda *a, **k: None))
+    glb, processed, result, shown = asyncio.run(handler(str(upload), "random-tiny (random weights)", False, 0.8, 64,
+                                                        True, progress=lambda *a, **k: None))
     made = [Path(processed), Path(glb), upload]
-    assert all(path.is_file() for path in made) and "| encoder |" in timings
+    assert all(path.is_file() for path in made) and result["seconds"]["encoder"] > 0
+    viewer, table = image_tab.show_result(shown)  # what the page shows of it
+    assert viewer == glb and "| encoder |" in table and "**total**" in table
     clock.now += 59
     assert sessions.expire() == [] and all(path.is_file() for path in made)
     clock.now += 2
@@ -139,10 +170,9 @@ def test_out_of_memory_and_a_missing_image_become_clear_ui_errors(tmp_path):
 
 def test_one_bounded_gpu_queue_a_cancel_button_and_one_progress_display():
     demo = page()
-    demo.queue(max_size=app.parse_args([]).max_queue, default_concurrency_limit=1)
     fns = {fn.name: fn for fn in demo.fns.values()}
-    assert (fns["image_to_3d"].concurrency_id, fns["image_to_3d"].concurrency_limit) == (GPU_QUEUE, 1)
-    assert demo._queue.max_size == 16
+    # jobs enter at once and wait in the library's line (in order, with their place); Gradio queues nothing
+    assert (fns["image_to_3d"].concurrency_id, fns["image_to_3d"].concurrency_limit) == (GPU_QUEUE, None)
     dependencies = demo.config["dependencies"]
     generate = next(d for d in dependencies if d["api_name"] == "image_to_3d")
     viewer = next(c["id"] for c in demo.config["components"] if c["props"].get("elem_id") == "viewer")
@@ -182,7 +212,7 @@ def test_samples_tab_shares_the_gpu_queue_its_cancel_stops_both_buttons_and_type
     events = {d["api_name"]: d for d in dependencies if d["api_name"] in ("sample_3d", "more_samples")}
     assert set(events) == {"sample_3d", "more_samples"}
     fns = [fn for fn in demo.fns.values() if fn.api_name in events]
-    assert {(fn.concurrency_id, fn.concurrency_limit) for fn in fns} == {(GPU_QUEUE, 1)}
+    assert {(fn.concurrency_id, fn.concurrency_limit) for fn in fns} == {(GPU_QUEUE, None)}
     cancel_button = next(c["id"] for c in demo.config["components"] if c["props"].get("elem_id") == "samples-cancel")
     cancels = [d["cancels"] for d in dependencies if d["targets"] == [(cancel_button, "click")]]
     assert [events["sample_3d"]["id"], events["more_samples"]["id"]] in cancels
@@ -282,12 +312,13 @@ def test_the_steps_box_shows_what_a_schedule_runs_and_is_editable_for_custom_onl
     from recon3d.app.text_tab import steps_field
     from recon3d.pipelines.sds import PRESETS
 
-    demo = page()
+    service = ModelService(ServiceSettings(random_weights=True))
+    demo = page(service)
     box = component(demo, "text-steps")["props"]
     assert box["value"] == PRESETS["fast"].steps and box["interactive"] is False and "2,000 steps" in box["info"]
-    quality = steps_field("quality")
+    quality = steps_field("quality", service)
     assert (quality["value"], quality["interactive"]) == (PRESETS["quality"].steps, False)
-    assert steps_field("custom") == {"interactive": True, "info": "custom: the number of steps to run"}
+    assert steps_field("custom", service) == {"interactive": True, "info": "custom: the number of steps to run"}
 
 
 def test_the_step_line_speaks_plain_words_with_the_technical_values_in_a_details_row():
@@ -328,7 +359,75 @@ def test_quick_look_has_a_status_line():
     by_id = {c["id"]: c["props"].get("elem_id") for c in demo.config["components"]}
     button = next(i for i, elem in by_id.items() if elem == "text-quick-look")
     said = [demo.fns[d["id"]].fn() for d in demo.config["dependencies"]
-            if [by_id[o] for o in d["outputs"]] == ["text-status"] and d["backend_fn"]
+            if [by_id[o] for o in d["outputs"]] == ["text-quick-status"] and d["backend_fn"]
             and (d["targets"] == [(button, "click")] or d.get("trigger_after") is not None)
             and demo.fns[d["id"]].fn.__code__.co_argcount <= 1]
     assert QUICK_LOOK_STARTED in said and QUICK_LOOK_DONE in said
+
+
+ENDPOINTS = {  # what each endpoint returns, by name: the README documents these
+    "/image_to_3d": ["GLB", "Processed input", "Result"],
+    "/sample_3d": ["Status", "Denoising: each sample as it is now (rows: samples, columns: views)",
+                   "Comparison: every sample from the same angles", "GLBs", "Generated views", "Result"],
+    "/more_samples": ["Status", "Denoising: each sample as it is now (rows: samples, columns: views)",
+                      "Comparison: every sample from the same angles", "GLBs", "Generated views", "Result"],
+    "/text_to_3d": ["Status", "Optimisation: four views of the current 3D object", "Loss (log10)", "GLB", "Result"],
+    "/quick_look": ["Quick look: what the prior imagines (no 3D yet)"],
+    "/stop_text_to_3d": ["Message"],
+    "/export_text_to_3d": ["Message"],
+}
+
+
+def test_the_api_shows_each_endpoints_result_by_name_and_none_of_the_pages_widget_slots():
+    info = page().get_api_info()
+    returns = {name: [r["label"] for r in endpoint["returns"]] for name, endpoint in info["named_endpoints"].items()}
+    assert returns == ENDPOINTS  # no unnamed values, no viewers or per-sample slots
+    assert not info["unnamed_endpoints"]
+    readme = (ROOT / "README.md").read_text()
+    assert all(f"`{name}`" in readme for name in ENDPOINTS)  # each one documented
+
+
+def test_a_refused_upload_says_why_next_to_the_input_and_empties_it(tmp_path, caplog):
+    import logging
+
+    from recon3d.app.common import check_upload
+
+    broken = tmp_path / "photo.png"
+    broken.write_bytes(b"\x89PNG\r\n\x1a\n not really")
+    caplog.set_level(logging.INFO, logger="recon3d")
+    image, note = check_upload(str(broken))
+    assert image is None and note.startswith("⚠️ ") and "photo.png" in note and "\n" not in note
+    assert [r.getMessage() for r in caplog.records if r.name.startswith("recon3d")] == [f"refused upload: {note[3:]}"]
+    image, note = check_upload(str(ROOT / "examples" / "duck.png"))
+    assert image == {"__type__": "update"} and note == ""
+    demo = page()
+    by_id = {c["id"]: c["props"].get("elem_id") for c in demo.config["components"]}
+    for elem in ("input-image", "samples-image"):
+        target = next(i for i, e in by_id.items() if e == elem)
+        upload = next(d for d in demo.config["dependencies"] if d["targets"] == [(target, "upload")])
+        assert [by_id[o] for o in upload["outputs"]] == [elem, f"{elem}-note"]
+
+
+def test_sample_slots_show_samples_as_they_arrive_and_leave_shown_viewers_alone(tmp_path):
+    import gradio as gr
+
+    from recon3d.app.samples_tab import SampleSlots
+    from recon3d.service import ShownSample
+
+    with gr.Blocks():
+        slots = SampleSlots(4)
+        slots.wire(gr.State([]))
+
+    def sample(seed):
+        return ShownSample(seed, None, tmp_path / f"seed-{seed}.glb", "model", "digest", True)
+
+    first = slots.fill([sample(1)], [])
+    assert first[slots.viewers[0]] == {"__type__": "update", "value": str(tmp_path / "seed-1.glb"), "visible": True}
+    assert slots.viewers[1] not in first  # the other slots wait, hidden
+    on_page = first[slots.on_page]
+    second = slots.fill([sample(1), sample(2)], on_page)
+    assert slots.viewers[0] not in second  # already shown: not sent again (a viewer would reload it)
+    assert second[slots.captions[1]]["value"].startswith("**Seed 2**") and second[slots.files[1]]["visible"] is True
+    cleared = slots.fill([], second[slots.on_page])  # a new run starts
+    assert [cleared[viewer]["visible"] for viewer in slots.viewers[:2]] == ["hidden", "hidden"]
+    assert cleared[slots.viewers[0]]["value"] is None and cleared[slots.on_page] == []

@@ -11,6 +11,7 @@ from typing import AsyncIterator, Callable, Iterator, TypeVar
 import gradio as gr
 
 from ..errors import user_message
+from ..images import ImageError, load_image
 from ..pipelines.events import Event, Finished
 from ..sessions import iterate_in_thread
 
@@ -18,8 +19,10 @@ log = logging.getLogger("recon3d.app")
 ASSETS = Path(__file__).resolve().parents[2]  # the repository (examples/, bench/results/) when run from a clone
 # (an installed recon3d has neither: its page then offers no example images and quotes no measured CPU cost)
 EXAMPLES = sorted(str(p) for p in (ASSETS / "examples").glob("*.png"))
-GPU_QUEUE = "gpu"  # the short jobs that use the device (one at a time)
-LONG_RUNS = "long"  # Text to 3D runs: their own group; they share the device step by step (recon3d.sharing)
+# Gradio's concurrency groups; jobs enter at once (no Gradio limit) and wait in recon3d.sharing's lines, which
+# run one job on the device at a time, in order, and tell each its place
+GPU_QUEUE = "gpu"  # the short jobs that use the device
+LONG_RUNS = "long"  # Text to 3D runs: their own line; they share the device step by step
 SWITCHES = "switches"  # buttons that answer at once, beside a running job (no limit)
 VIEWER_BACKGROUND = (0.85, 0.85, 0.85, 1.0)
 UPLOAD_FIRST = "Upload an image first (PNG, JPEG or WebP)."
@@ -49,12 +52,33 @@ def examples(image: gr.Image) -> None:
 
 
 def image_input(elem_id: str) -> UploadedImage:
-    return UploadedImage(label="Input image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
-                         elem_id=elem_id)
+    """The input image, with a line under it where a refused upload says why (the input is then emptied)."""
+    image = UploadedImage(label="Input image", type="filepath", image_mode=None, sources=["upload", "clipboard"],
+                          elem_id=elem_id)
+    note = gr.Markdown(elem_id=f"{elem_id}-note", elem_classes=["upload-note"])
+    ui_only(image.upload, check_upload, inputs=[image], outputs=[image, note])
+    ui_only(image.clear, lambda: "", outputs=[note])
+    return image
 
 
-def viewer(label: str, height: int, elem_id: str) -> gr.Model3D:
-    return gr.Model3D(label=label, clear_color=VIEWER_BACKGROUND, height=height, elem_id=elem_id)
+def check_upload(path: str | None) -> tuple:
+    """An upload checked as it arrives (format, size, truncation: recon3d.images): a refused file empties the
+    input and leaves its one-line reason under it; a good one clears the line."""
+    if not path:
+        return gr.update(), ""
+    try:
+        load_image(path)
+    except ImageError as exc:
+        message = user_message(exc)
+        log.info("refused upload: %s", message)
+        return None, f"⚠️ {message}"
+    return gr.update(), ""
+
+
+def viewer(label: str, height: int, elem_id: str, visible: bool | str = True) -> gr.Model3D:
+    """A 3D viewer; ``visible="hidden"`` keeps one in the page unseen (``False`` would leave it without a canvas
+    once shown, in Gradio 6.31)."""
+    return gr.Model3D(label=label, clear_color=VIEWER_BACKGROUND, height=height, elem_id=elem_id, visible=visible)
 
 
 def is_example(path: str) -> bool:
@@ -66,6 +90,18 @@ def is_example(path: str) -> bool:
 
 def visitor_id(request: gr.Request | None) -> str:
     return request.session_hash if request is not None and request.session_hash else "anonymous"
+
+
+def ui_only(listener, fn: Callable, inputs=None, outputs=None, **kwargs):
+    """A page-only event (the API neither shows nor serves it) that answers at once, beside running jobs: it
+    fills widgets from a job's result, or switches a field. ``listener`` is e.g. ``button.click``."""
+    return listener(fn, inputs=inputs, outputs=outputs, api_visibility="private", concurrency_id=SWITCHES,
+                    concurrency_limit=None, show_progress="hidden", **kwargs)
+
+
+def result_json(label: str = "Result") -> gr.JSON:
+    """An endpoint's named result (files are separate outputs): for API callers, not shown on the page."""
+    return gr.JSON(label=label, visible=False)
 
 
 def refuse(message: str) -> gr.Error:

@@ -16,8 +16,8 @@ from ..pipelines.image_to_3d import ImageTo3DOptions
 from ..pipelines.multiview_sample import MultiViewOptions
 from ..service import INSTANTMESH_CHOICES, ImageOutputs, ModelService, image_job
 from ..sessions import Sessions
-from .common import (ASSETS, GPU_QUEUE, SWITCHES, UPLOAD_FIRST, checked, examples, image_input, is_example,
-                     job_result, refuse, viewer, visitor_id)
+from .common import (ASSETS, GPU_QUEUE, UPLOAD_FIRST, checked, examples, image_input, is_example, job_result, refuse,
+                     result_json, ui_only, viewer, visitor_id)
 
 CPU_BENCHMARK = ASSETS / "bench" / "results" / "lrm-cpu.json"  # what a job costs on a CPU, shown on the page
 RANDOM_NOTE = "\n\n**Random weights: this mesh is meaningless.**"
@@ -83,8 +83,8 @@ def form_options(remove_background, foreground_ratio, mesh_resolution, remove_fl
 def make_handler(service: ModelService, sessions: Sessions):
     async def image_to_3d(image_path, checkpoint, remove_background, foreground_ratio, mesh_resolution,
                           remove_floaters=True, request: gr.Request = None, progress=gr.Progress()):
-        """Reconstruct a textured mesh from one image. Returns the processed input, the GLB (viewer and file)
-        and a table of stage timings."""
+        """Reconstruct a textured mesh from one image. Returns the GLB, the processed input and the result
+        (checkpoint, seconds per stage, triangles, vertices, notes); the page's viewer and table follow."""
         if not image_path:
             raise refuse(UPLOAD_FIRST)
         options = form_options(remove_background, foreground_ratio, mesh_resolution, remove_floaters)
@@ -94,9 +94,15 @@ def make_handler(service: ModelService, sessions: Sessions):
         with sessions.job(session) as cancel:
             job = image_job(service, sessions, session, checkpoint, image_path, options, cancel)
             outputs: ImageOutputs = await job_result(job, cancel, "image_to_3d", progress)
-        return str(outputs.processed), str(outputs.glb), str(outputs.glb), timings_table(outputs)
+        # the state keeps what the page shows (not the result: that would keep the model's field in memory)
+        return str(outputs.glb), str(outputs.processed), outputs.summary(), (str(outputs.glb), timings_table(outputs))
 
     return image_to_3d
+
+
+def show_result(shown: tuple[str, str] | None) -> tuple:
+    """The page's viewer and timings table, (GLB, table) of a finished job (a page-only event)."""
+    return (gr.update(), gr.update()) if shown is None else shown
 
 
 def build(service: ModelService, sessions: Sessions) -> None:
@@ -124,19 +130,20 @@ def build(service: ModelService, sessions: Sessions) -> None:
                 cancel = gr.Button("Cancel", variant="stop", elem_id="cancel")
             examples(image)
         with gr.Column():
-            processed = gr.Image(label="Processed input", interactive=False, height=200, type="filepath")
             model = viewer("3D model", 420, "viewer")
-            download = gr.File(label="Download GLB", elem_id="download")
+            download = gr.File(label="GLB", elem_id="download")
             timings = gr.Markdown(elem_id="timings")
+            processed = gr.Image(label="Processed input", interactive=False, height=320, type="filepath",
+                                 elem_id="processed")
+    result, shown = result_json(), gr.State(None)
     job = generate.click(make_handler(service, sessions),
                          inputs=[image, checkpoint, remove_background, foreground_ratio, mesh_resolution,
                                  remove_floaters],
-                         outputs=[processed, model, download, timings], show_progress_on=[model],
-                         api_name="image_to_3d", concurrency_id=GPU_QUEUE, concurrency_limit=1)
-    cancel.click(fn=lambda: CANCELLED, outputs=[timings], cancels=[job], api_name=False, concurrency_id=SWITCHES,
-                 concurrency_limit=None)  # says so: the panels do not just reset
-    checkpoint.change(foreground_default, inputs=[checkpoint], outputs=[foreground_ratio], api_name=False,
-                      concurrency_id=SWITCHES, concurrency_limit=None)
+                         outputs=[download, processed, result, shown], show_progress_on=[model],
+                         api_name="image_to_3d", concurrency_id=GPU_QUEUE, concurrency_limit=None)  # its line: sharing
+    ui_only(shown.change, show_result, inputs=[shown], outputs=[model, timings])
+    ui_only(cancel.click, lambda: CANCELLED, outputs=[timings], cancels=[job])  # says so: no silent reset
+    ui_only(checkpoint.change, foreground_default, inputs=[checkpoint], outputs=[foreground_ratio])
 
 
 def foreground_default(checkpoint: str) -> dict:

@@ -16,7 +16,8 @@ from ..pipelines.sds import PRESET_DESCRIPTIONS, PRESETS, SDSControl
 from ..pipelines.text_to_3d import CUSTOM, QuickLookOptions, TextTo3DOptions, TextTo3DResult, check_prompt
 from ..service import MeshFile, ModelService, PreviewFile, quick_look_job, text_job
 from ..sessions import Sessions
-from .common import GPU_QUEUE, LONG_RUNS, SWITCHES, checked, job_result, viewer, visitor_id, visitor_job
+from .common import (GPU_QUEUE, LONG_RUNS, SWITCHES, checked, job_result, result_json, ui_only, viewer, visitor_id,
+                     visitor_job)
 
 def intro(service: ModelService) -> str:
     """What the tab does and how often this server shows progress (from the recipe it runs on its device)."""
@@ -39,25 +40,30 @@ STEPS, SEED, GUIDANCE = (limit_of(TextTo3DOptions, name) for name in ("steps", "
 
 
 class TextControls:
-    """The Stop / Export-now switches of each visitor's running Text to 3D job."""
+    """The Stop / Export-now switches of each visitor's Text to 3D jobs (the oldest is the one they act on: a
+    later one of the same visitor waits behind it, or is refused by the server's per-visitor limit)."""
 
     def __init__(self):
-        self._controls: dict[str, SDSControl] = {}
+        self._controls: dict[str, list[SDSControl]] = {}
         self._lock = threading.Lock()
 
     def start(self, session: str) -> SDSControl:
         with self._lock:
-            self._controls[session] = SDSControl()
-            return self._controls[session]
+            control = SDSControl()
+            self._controls.setdefault(session, []).append(control)
+            return control
 
     def get(self, session: str) -> SDSControl | None:
         with self._lock:
-            return self._controls.get(session)
+            return next(iter(self._controls.get(session, [])), None)
 
     def finish(self, session: str, control: SDSControl) -> None:
         with self._lock:
-            if self._controls.get(session) is control:
-                del self._controls[session]
+            mine = self._controls.get(session, [])
+            if control in mine:
+                mine.remove(control)
+            if not mine:
+                self._controls.pop(session, None)
 
 
 def form_options(preset, steps, seed, guidance_scale, negative_prompt) -> TextTo3DOptions:
@@ -80,14 +86,23 @@ def loss_table(losses: list[tuple[int, float]], points: int = 400):
                          "log10 loss": pd.Series([math.log10(max(loss, 1e-12)) for _, loss in rows], dtype="float64")})
 
 
-def steps_field(preset: str) -> dict:
+def steps_limit(service: ModelService) -> str:
+    """The Steps box's range: the library's, within the operator's limit of this server."""
+    limit = service.settings.max_text_steps
+    if limit is None or limit >= STEPS.high:
+        return STEPS.text
+    return f"{STEPS.low:g}..{limit} on this server"
+
+
+def steps_field(preset: str, service: ModelService) -> dict:
     """What the Steps box shows for a schedule: a named preset's own count, read-only (the page runs exactly
-    that), or, for custom, an editable count."""
+    that; above the server's limit it says so), or, for custom, an editable count."""
     if preset == CUSTOM:
         return {"interactive": True, "info": "custom: the number of steps to run"}
-    steps = PRESETS[preset].steps
+    steps, limit = PRESETS[preset].steps, service.settings.max_text_steps
+    over = f" (over this server's limit of {limit:,}: choose custom)" if limit is not None and steps > limit else ""
     return {"value": steps, "interactive": False,
-            "info": f"the {preset} schedule runs {steps:,} steps; choose custom to set your own"}
+            "info": f"the {preset} schedule runs {steps:,} steps{over}; choose custom to set your own"}
 
 
 QUICK_LOOK_STARTED = "Quick look: sampling four views of what the prior imagines for the prompt..."
@@ -128,18 +143,30 @@ def end_status(result: TextTo3DResult) -> str:
             f"the GLB below is that state.{skipped}")
 
 
+def text_summary(result: TextTo3DResult, options: TextTo3DOptions, checkpoint: str, random_weights: bool) -> dict:
+    """The result of a Text to 3D run for API callers (the GLB is sent beside it)."""
+    extras = result.extras
+    return {"checkpoint": checkpoint, "preset": options.label, "seed": options.seed,
+            "steps_done": extras.get("steps_done"), "steps": extras.get("steps"),
+            "ended": extras.get("stopped", "done"), "seconds": round(result.elapsed or 0.0, 3),
+            "non_finite_steps": extras.get("non_finite_steps", 0), "random_weights": random_weights}
+
+
 def make_handler(service: ModelService, sessions: Sessions, controls: TextControls, outputs: dict):
-    status, preview, plot, model, download = (outputs[k] for k in ("status", "preview", "plot", "viewer", "download"))
+    status, preview, plot, download, result, mesh = (outputs[k] for k in ("status", "preview", "plot", "download",
+                                                                          "result", "mesh"))
 
     async def text_to_3d(prompt, negative_prompt, preset, steps, seed, guidance_scale, checkpoint,
                          request: gr.Request = None, progress=gr.Progress()):
         """Optimise a 3D object from text by score distillation with MVDream. Streams the status, a preview of
-        four views, the loss curve and each GLB (exports on request, then the final one)."""
+        four views, the loss curve and each GLB (exports on request); ends with the final GLB and the result
+        (checkpoint, preset, seed, steps done, how it ended, seconds)."""
         prompt = checked(lambda: check_prompt(prompt))
         options = form_options(preset, steps, seed, guidance_scale, negative_prompt)
+        checked(lambda: service.text_steps(options))  # the operator's limit, before queueing
         session = visitor_id(request)
         note = RANDOM_NOTE if service.settings.random_weights else ""
-        losses, last_sent, warning, line, glb = [], 0.0, "", "Loading MVDream", None
+        losses, last_sent, warning, line, glb, summary = [], 0.0, "", "Loading MVDream", None, None
         control = controls.start(session)
         try:
             with sessions.job(session) as cancel:
@@ -157,8 +184,10 @@ def make_handler(service: ModelService, sessions: Sessions, controls: TextContro
                         update[preview] = str(event.path)
                     elif isinstance(event, MeshFile):
                         glb = str(event.path)
-                        update |= {model: glb, download: glb}
-                        line = end_status(event.result) if event.final else line
+                        update |= {mesh: glb, download: glb}  # the state fills the viewer (a page-only event)
+                        if event.final:
+                            line = end_status(event.result)
+                            summary = text_summary(event.result, options, checkpoint, service.settings.random_weights)
                     elif isinstance(event, Finished):
                         continue
                     else:
@@ -170,10 +199,7 @@ def make_handler(service: ModelService, sessions: Sessions, controls: TextContro
                     yield {status: line + warning + note, plot: loss_table(losses), **update}
         finally:
             controls.finish(session, control)
-        # Gradio 6.31: a gr.Model3D whose file arrives in a generator's last update never gets its canvas, so the
-        # mesh is never the last thing sent to the viewer; the download (a gr.File) repeats the GLB so that an API
-        # caller's result, the last update, holds it
-        yield {status: line + warning + note, **({download: glb} if glb else {})}
+        yield {status: line + warning + note, result: summary, **({download: glb} if glb else {})}
 
     return text_to_3d
 
@@ -183,11 +209,22 @@ def make_switch(controls: TextControls, switch: str):
         control = controls.get(visitor_id(request))
         if control is None:
             return "No text-to-3D job is running."
+        if not control.started.is_set():  # still waiting in line: nothing to export or keep yet
+            if switch == "export":
+                return "Your run is still waiting in line: nothing to export yet."
+            control.stop.set()
+            return "Your run had not started: it leaves the line."
         getattr(control, switch).set()
         return ("Stopping after this step; the state reached will be exported." if switch == "stop"
                 else "Exporting the current state after this step.")
 
     return press
+
+
+def show_mesh(glb: str | None) -> tuple:
+    """The viewer shows the run's latest GLB, and the Export/Stop note it answers is cleared (a page-only event on
+    the mesh state)."""
+    return (gr.update(), gr.update()) if glb is None else (glb, "")
 
 
 def make_quick_look_handler(service: ModelService, sessions: Sessions):
@@ -220,8 +257,8 @@ def build(service: ModelService, sessions: Sessions, controls: TextControls) -> 
             preset = gr.Radio(list(TextTo3DOptions.PRESET_CHOICES), value=TextTo3DOptions.preset, label="Schedule",
                               info="; ".join(f"{name}: {text}" for name, text in PRESET_DESCRIPTIONS.items()) + ".",
                               elem_id="text-preset")
-            steps = gr.Number(step=100, label=f"Steps for custom ({STEPS.text})", elem_id="text-steps",
-                              **steps_field(TextTo3DOptions.preset))
+            steps = gr.Number(step=100, label=f"Steps for custom ({steps_limit(service)})", elem_id="text-steps",
+                              **steps_field(TextTo3DOptions.preset, service))
             with gr.Row():
                 seed = gr.Number(TextTo3DOptions.seed, step=1, label=f"Seed ({SEED.text})", elem_id="text-seed")
                 guidance = gr.Number(TextTo3DOptions.guidance_scale, step=1, label=f"Guidance scale ({GUIDANCE.text})",
@@ -232,10 +269,12 @@ def build(service: ModelService, sessions: Sessions, controls: TextControls) -> 
             with gr.Row():
                 export = gr.Button("Export now", elem_id="text-export")
                 stop = gr.Button("Stop & keep", variant="stop", elem_id="text-stop")
+            switch_note = gr.Markdown(label="Message", elem_id="text-switch-note")
             gr.Examples([[example] for example in EXAMPLES], inputs=[prompt], label="Example prompts",
                         cache_examples=False)
         with gr.Column(scale=2):
-            status = gr.Markdown(elem_id="text-status")
+            status = gr.Markdown(label="Status", elem_id="text-status")
+            look_status = gr.Markdown(elem_id="text-quick-status")
             quick = gr.Image(label="Quick look: what the prior imagines (no 3D yet)", interactive=False,
                              type="filepath", height=180, elem_id="text-quick")
             preview = gr.Image(label="Optimisation: four views of the current 3D object", interactive=False,
@@ -243,21 +282,21 @@ def build(service: ModelService, sessions: Sessions, controls: TextControls) -> 
             plot = gr.LinePlot(loss_table([]), x="step", y="log10 loss", label="Loss (log10)", height=180,
                                elem_id="text-loss")  # typed from the start, so both axes are numeric
             model = viewer("3D model", 360, "text-viewer")
-            download = gr.File(label="Download GLB", elem_id="text-download")
-    outputs = {"status": status, "preview": preview, "plot": plot, "viewer": model, "download": download}
+            download = gr.File(label="GLB", elem_id="text-download")
+    mesh = gr.State(None)
+    outputs = {"status": status, "preview": preview, "plot": plot, "download": download, "result": result_json(),
+               "mesh": mesh}
     generate.click(make_handler(service, sessions, controls, outputs),
                    inputs=[prompt, negative_prompt, preset, steps, seed, guidance, checkpoint],
                    outputs=list(outputs.values()), show_progress_on=[preview], api_name="text_to_3d",
-                   concurrency_id=LONG_RUNS, concurrency_limit=1)  # beside the short jobs: recon3d.sharing
+                   concurrency_id=LONG_RUNS, concurrency_limit=None)  # its own line, beside short jobs: sharing
+    ui_only(mesh.change, show_mesh, inputs=[mesh], outputs=[model, switch_note])
     looking = look.click(make_quick_look_handler(service, sessions), inputs=[prompt, seed, checkpoint],
-                         outputs=[quick], api_name="quick_look", concurrency_id=GPU_QUEUE, concurrency_limit=1)
-    for event, text in ((look.click, QUICK_LOOK_STARTED), (looking.success, QUICK_LOOK_DONE)):  # a status line
-        event(lambda text=text: text, outputs=[status], api_name=False, concurrency_id=SWITCHES,
-              concurrency_limit=None)
-    preset.change(lambda name: gr.update(**steps_field(name)), inputs=[preset], outputs=[steps], api_name=False,
-                  concurrency_id=SWITCHES, concurrency_limit=None)
-    # The switches answer at once, beside the running job (their own concurrency group, no limit)
-    stop.click(make_switch(controls, "stop"), outputs=[status], api_name="stop_text_to_3d",
-               concurrency_id=SWITCHES, concurrency_limit=None)
-    export.click(make_switch(controls, "export"), outputs=[status], api_name="export_text_to_3d",
-                 concurrency_id=SWITCHES, concurrency_limit=None)
+                         outputs=[quick], api_name="quick_look", concurrency_id=GPU_QUEUE, concurrency_limit=None)
+    ui_only(look.click, lambda: QUICK_LOOK_STARTED, outputs=[look_status])
+    ui_only(looking.success, lambda: QUICK_LOOK_DONE, outputs=[look_status])
+    ui_only(preset.change, lambda name: gr.update(**steps_field(name, service)), inputs=[preset], outputs=[steps])
+    # The switches answer at once, beside the running job, under the buttons (the step line stays in view)
+    for button, switch in ((stop, "stop"), (export, "export")):
+        button.click(make_switch(controls, switch), outputs=[switch_note], api_name=f"{switch}_text_to_3d",
+                     concurrency_id=SWITCHES, concurrency_limit=None, show_progress="hidden")

@@ -3,6 +3,7 @@
 Every event says how far the whole job is (``fraction``, 0..1) and what is happening, for people (``message``).
 The kinds:
 
+- :class:`Queued`: the job waits for the device (its place in line and an estimate of the wait);
 - :class:`Stage`: the job entered a named stage (loading, encoding, meshing, ...);
 - :class:`Note`: something the user should know, nothing wrong (a prompt was cut, the background was not removed);
 - :class:`Preview`: images of the current state, ``views`` (B, V, 3, H, W) in [0, 1] on the CPU;
@@ -26,6 +27,12 @@ R = TypeVar("R")
 class Event:
     fraction: float  # 0..1 of the whole job
     message: str  # for people
+
+
+@dataclass(kw_only=True)
+class Queued(Event):
+    position: int  # 1: next in line
+    wait_s: float | None  # seconds until it starts, from the server's measured job times (None: not timed yet)
 
 
 @dataclass(kw_only=True)

@@ -31,7 +31,7 @@ from ..field import NeuralTriplaneField
 from ..noise import derived, rand_tensor, randint, randn_tensor
 from ..options import Limit, check_limits, limited
 from ..render import RenderSettings, render_orbit, render_views
-from ..sharing import DeviceLease
+from ..sharing import DeviceLease, Ticket
 from .events import Event, Exported, Finished, Preview, StepReport
 
 STEPS = Limit("steps", 1, 20000, whole=True)
@@ -306,12 +306,14 @@ def remaining_seconds(options: SDSOptions, step: int, step_seconds: dict[int, li
 class SDSControl:
     """Requests from outside a running optimisation, checked between steps: ``stop`` ends it and keeps what it
     has; ``export`` asks for a mesh of the current state (then clears itself); ``lease`` is the device it shares
-    (each step waits while short jobs wait for it: :class:`~recon3d.sharing.DeviceLease`; by default a lease of
+    (each step waits while short jobs wait for it: a :class:`~recon3d.sharing.DeviceLease`, or a long run's
+    :class:`~recon3d.sharing.Ticket` in its line; by default a lease of
     its own, never contended)."""
 
     stop: threading.Event = field(default_factory=threading.Event)
     export: threading.Event = field(default_factory=threading.Event)
-    lease: DeviceLease = field(default_factory=DeviceLease)
+    lease: DeviceLease | Ticket = field(default_factory=DeviceLease)
+    started: threading.Event = field(default_factory=threading.Event)  # set by a queue once the run's turn came
 
 
 def preview_due(options: SDSOptions, step: int, since_last: float) -> bool:

@@ -284,13 +284,13 @@ def distill_to_mesh(prior, options: SDSOptions, generator: torch.Generator, devi
         if isinstance(event, Preview):
             last_preview = event.views
         if isinstance(event, Exported):
-            with control.lease.step(cancel):
+            with control.lease.hold(cancel, "export"):
                 result = export_state(event.result, options, extras, last_preview, cancel)
             yield Exported(fraction=event.fraction, message=f"mesh of step {event.result.step}", result=result)
         elif isinstance(event, Finished):
             outcome: SDSOutcome = event.result
             extras_now = {**extras, "stopped": outcome.stopped}
-            with control.lease.step(cancel):
+            with control.lease.hold(cancel, "export"):
                 result = export_state(outcome.state, options, extras_now, last_preview, cancel)
             result.elapsed = outcome.elapsed
             yield Finished(fraction=1.0, message=event.message, result=result)
