@@ -80,6 +80,35 @@ def add_image_options(command: argparse.ArgumentParser) -> None:
     command.add_argument("--no-remove-background", action="store_true", help="do not remove the background")
 
 
+def add_export_options(command: argparse.ArgumentParser) -> None:
+    from .export import FACES, FORMATS, TEXTURE
+
+    group = command.add_argument_group("export (recon3d/export.py)")
+    group.add_argument("--formats", default="glb", help=f"comma-separated, of {','.join(FORMATS)} (default glb); "
+                                                        "OBJ writes its MTL and PNG beside it")
+    group.add_argument("--faces", default=None, metavar="N", help=f"at most N triangles ({FACES.text}; default: as "
+                                                                  "meshed)")
+    group.add_argument("--texture", default=None, metavar="SIZE",
+                       help=f"bake a SIZE x SIZE texture from the field ({TEXTURE.text}, e.g. 1024; default: vertex "
+                            f"colours)")
+
+
+def export_options(args: argparse.Namespace):
+    """The export flags as checked :class:`~recon3d.export.ExportOptions` (a ValueError names the bad one)."""
+    from .export import ExportOptions
+
+    return ExportOptions(formats=ExportOptions.parse_formats(args.formats), faces=args.faces,
+                         texture=args.texture).validate()
+
+
+def write_mesh(field, mesh, extras: dict, stem: Path, args: argparse.Namespace) -> dict[str, str]:
+    """The mesh as every asked format (``stem.<ext>``): format -> path, for the JSON line."""
+    from .export import export_mesh
+
+    exported = export_mesh(field, mesh, args.export, stem, extras)
+    return {name: str(path) for name, path in exported.paths.items()}
+
+
 def given(**values) -> dict:
     """The options the user gave (the others keep the options dataclass's defaults: none is restated here)."""
     return {name: value for name, value in values.items() if value is not None}
@@ -130,6 +159,7 @@ def add_image_command(command: argparse.ArgumentParser) -> None:
     command.add_argument("images", nargs="+", type=Path, help="PNG, JPEG or WebP files")
     add_model_options(command, DEFAULT_LRM, f"Hub repo id or checkpoint folder (default: {DEFAULT_LRM})")
     add_image_options(command)
+    add_export_options(command)
     command.add_argument("--threshold", type=parse_threshold, default=DENSITY_LEVEL,
                          help="density iso-level of the surface, or 'auto' for uncalibrated (e.g. fine-tuned) models")
     command.add_argument("--remove-floaters", type=float, default=None, metavar="FRACTION",
@@ -162,6 +192,7 @@ def run_image(args: argparse.Namespace) -> int:
                                        remove_floaters=args.remove_floaters))
     try:
         options.validate()
+        args.export = export_options(args)
         pipe = load_pipeline(args)
     except Exception as exc:
         say(refused(exc, also=SETUP_ERRORS))
@@ -201,14 +232,14 @@ def process_one(pipe, path: Path, options, stem: Path, args: argparse.Namespace)
 
 
 def write_outputs(result, stem: Path, args: argparse.Namespace, bar: Bar) -> None:
-    glb = result.save_glb(stem.parent / f"{stem.name}.glb")
+    files = write_mesh(result.field, result.mesh, result.metadata, stem, args)
     result.processed_image.save(stem.parent / f"{stem.name}_input.png")
     if args.turntable:
         result.save_turntable(stem.parent / f"{stem.name}_turntable.gif", args.turntable_frames, args.turntable_size)
     for note in result.notes:
         bar.write(f"{stem.name}: {note}", error=True)
     timings = {k: round(v, 4) for k, v in result.timings.items()}
-    bar.write(json.dumps({"glb": str(glb), "faces": result.stats["faces"], "timings_s": timings}))
+    bar.write(json.dumps({**files, "faces": result.stats["faces"], "timings_s": timings}))
 
 
 # ---- sample -----------------------------------------------------------------------------------------------------
@@ -235,6 +266,7 @@ def add_sample_command(command: argparse.ArgumentParser) -> None:
                                               "model, trained on procedural shapes only)")
     add_image_options(command)
     command.add_argument("--comparison", action="store_true", help="also write comparison.png: every sample from 4 angles")
+    add_export_options(command)
     group = command.add_argument_group("instantmesh")  # their defaults are filled in by instantmesh_sources()
     group.add_argument("--diffusion", default=None, help=f"Zero123++ repo id or folder (default {ZERO123PLUS_REPO})")
     group.add_argument("--unet", default=None,
@@ -317,6 +349,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
     try:
         options = sample_options(args)
+        args.export = export_options(args)
         pipe = load_sampler(args)
     except Exception as exc:
         say(refused(exc, also=SETUP_ERRORS))
@@ -329,7 +362,7 @@ def run_sample(args: argparse.Namespace) -> int:
             if isinstance(event, Note):
                 bar.write(f"{args.image.name}: {event.message}", error=True)
             elif isinstance(event, SampleReady):
-                write_sample(event.sample, args, bar)
+                write_sample(pipe, event.sample, args, bar)
             elif isinstance(event, Finished) and args.comparison and event.result:
                 pipe.comparison(event.result).save(args.output / "comparison.png")
     except Exception as exc:
@@ -340,9 +373,9 @@ def run_sample(args: argparse.Namespace) -> int:
     return 0
 
 
-def write_sample(sample, args: argparse.Namespace, bar: Bar) -> None:
-    glb = sample.save_glb(args.output / f"seed-{sample.seed}.glb")
-    line = {"seed": sample.seed, "glb": str(glb), "faces": len(sample.mesh.faces)}
+def write_sample(pipe, sample, args: argparse.Namespace, bar: Bar) -> None:
+    files = write_mesh(pipe.field_of(sample), sample.mesh, sample.metadata, args.output / f"seed-{sample.seed}", args)
+    line = {"seed": sample.seed, **files, "faces": len(sample.mesh.faces)}
     if args.method == "instantmesh":
         from .pipelines.multiview_sample import MultiViewSample3D
 
@@ -426,6 +459,7 @@ def add_text_command(text: argparse.ArgumentParser) -> None:
     add_model_options(text, default, f"Hub repo id or folder, diffusers layout or the original "
                                      f"sd-v2.1-base-4view.pt (default: {default})")
     text.add_argument("--quick-look", action="store_true", help="first write quick-look.png: 4 views sampled by DDIM")
+    add_export_options(text)
 
 
 def load_text_pipeline(args: argparse.Namespace):
@@ -479,6 +513,7 @@ def run_text(args: argparse.Namespace) -> int:
         prompt = check_prompt(args.prompt)
         options = TextTo3DOptions(preset=preset, steps=args.steps, **given(
             seed=args.seed, guidance_scale=args.guidance, negative_prompt=args.negative)).validate()
+        args.export = export_options(args)
         pipe = load_text_pipeline(args)
     except Exception as exc:
         say(refused(exc, also=SETUP_ERRORS))
@@ -512,9 +547,9 @@ def run_text(args: argparse.Namespace) -> int:
                 elif isinstance(event, Note):
                     bar.write(event.message, error=True)
                 elif isinstance(event, (Exported, Finished)):
-                    glb = event.result.save_glb(args.output / f"{stem}.glb")
-                    extras = event.result.extras
-                    bar.write(json.dumps({"glb": str(glb), "steps_done": extras["steps_done"],
+                    result, extras = event.result, event.result.extras
+                    files = write_mesh(result.radiance_field, result.mesh, extras, args.output / stem, args)
+                    bar.write(json.dumps({**files, "steps_done": extras["steps_done"],
                                           "stopped": extras.get("stopped"), "faces": len(event.result.mesh.faces)}))
     except Exception as exc:
         bar.write(refused(exc, also=(OSError,)), error=True)

@@ -249,38 +249,72 @@ def srgb_to_linear(c: np.ndarray) -> np.ndarray:
 def mesh_to_glb(mesh: Mesh, extras: dict | None = None) -> bytes:
     """Binary glTF 2.0: POSITION, NORMAL, COLOR_0 (linear, as the spec wants), uint32 indices, y up; ``extras``
     lands in ``asset.extras``."""
-    positions = world_to_gltf(torch.from_numpy(mesh.vertices)).numpy().astype(np.float32)
-    normals = world_to_gltf(torch.from_numpy(mesh.vertex_normals())).numpy().astype(np.float32)
     rgba = np.concatenate([srgb_to_linear(mesh.colors), np.ones((len(mesh.colors), 1))], 1)
     colors = np.round(np.clip(rgba, 0, 1) * 65535).astype(np.uint16)
-    indices = mesh.faces.astype(np.uint32).reshape(-1)
-    blobs = [positions.tobytes(), normals.tobytes(), colors.tobytes(), indices.tobytes()]
-    offsets = np.cumsum([0] + [len(b) for b in blobs]).tolist()  # every blob length is a multiple of 4
-    n = len(positions)
-    gltf = {
-        "asset": {"version": "2.0", "generator": "recon3d", **({"extras": extras} if extras else {})},
-        "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0}],
-        "meshes": [{"primitives": [{"attributes": {"POSITION": 0, "NORMAL": 1, "COLOR_0": 2},
-                                    "indices": 3, "material": 0, "mode": 4}]}],
-        "materials": [{"pbrMetallicRoughness": {"baseColorFactor": [1, 1, 1, 1], "metallicFactor": 0.0,
-                                                "roughnessFactor": 1.0}}],
-        "buffers": [{"byteLength": offsets[-1]}],
-        "bufferViews": [
-            {"buffer": 0, "byteOffset": offsets[0], "byteLength": len(blobs[0]), "target": 34962},
-            {"buffer": 0, "byteOffset": offsets[1], "byteLength": len(blobs[1]), "target": 34962},
-            {"buffer": 0, "byteOffset": offsets[2], "byteLength": len(blobs[2]), "target": 34962},
-            {"buffer": 0, "byteOffset": offsets[3], "byteLength": len(blobs[3]), "target": 34963},
-        ],
-        "accessors": [
-            {"bufferView": 0, "componentType": 5126, "count": n, "type": "VEC3",
-             "min": positions.min(0).tolist(), "max": positions.max(0).tolist()},
-            {"bufferView": 1, "componentType": 5126, "count": n, "type": "VEC3"},
-            {"bufferView": 2, "componentType": 5123, "normalized": True, "count": n, "type": "VEC4"},
-            {"bufferView": 3, "componentType": 5125, "count": len(indices), "type": "SCALAR",
-             "min": [int(indices.min())], "max": [int(indices.max())]},
-        ],
-    }
-    return _pack_glb(gltf, b"".join(blobs))
+    glb = GlbBuilder(mesh.vertices, mesh.vertex_normals(), mesh.faces)
+    glb.attributes["COLOR_0"] = glb.accessor(colors, "VEC4", 34962, normalized=True)
+    return glb.pack(extras)
+
+
+class GlbBuilder:
+    """One triangle mesh as binary glTF 2.0: positions and normals (given in the world frame, written y up),
+    uint32 indices, and whatever attributes, images and material the caller adds before :meth:`pack`."""
+
+    def __init__(self, vertices: np.ndarray, normals: np.ndarray, faces: np.ndarray):
+        self.blobs: list[bytes] = []
+        self.views: list[dict] = []
+        self.accessors: list[dict] = []
+        positions = world_to_gltf(torch.from_numpy(np.asarray(vertices, np.float32))).numpy()
+        self.attributes = {"POSITION": self.accessor(positions, "VEC3", 34962, bounds=True),
+                           "NORMAL": self.accessor(world_to_gltf(torch.from_numpy(
+                               np.asarray(normals, np.float32))).numpy(), "VEC3", 34962)}
+        self.indices = self.accessor(np.asarray(faces).astype(np.uint32).reshape(-1), "SCALAR", 34963, bounds=True)
+        self.material: dict = {"pbrMetallicRoughness": {"baseColorFactor": [1, 1, 1, 1], "metallicFactor": 0.0,
+                                                        "roughnessFactor": 1.0}}
+        self.images: list[dict] = []
+
+    def view(self, blob: bytes, target: int | None = None) -> int:
+        """A buffer view of ``blob`` (padded to 4 bytes); its index."""
+        offset = sum(len(b) for b in self.blobs)
+        self.blobs.append(blob + b"\0" * (-len(blob) % 4))
+        self.views.append({"buffer": 0, "byteOffset": offset, "byteLength": len(blob),
+                           **({"target": target} if target else {})})
+        return len(self.views) - 1
+
+    def accessor(self, data: np.ndarray, kind: str, target: int, normalized: bool = False,
+                 bounds: bool = False) -> int:
+        """An accessor of ``data`` (float32, uint16 or uint32 rows); its index."""
+        component = {np.dtype(np.float32): 5126, np.dtype(np.uint16): 5123, np.dtype(np.uint32): 5125}[data.dtype]
+        item = {"bufferView": self.view(np.ascontiguousarray(data).tobytes(), target), "componentType": component,
+                "count": len(data), "type": kind, **({"normalized": True} if normalized else {})}
+        if bounds:
+            rows = data.reshape(len(data), -1)
+            low, high = rows.min(0).tolist(), rows.max(0).tolist()
+            item |= {"min": low, "max": high} if kind != "SCALAR" else {"min": [int(low[0])], "max": [int(high[0])]}
+        self.accessors.append(item)
+        return len(self.accessors) - 1
+
+    def base_color_texture(self, png: bytes, uvs: np.ndarray) -> None:
+        """Texture the material with a PNG (sRGB-encoded, as glTF's baseColorTexture is) read at ``uvs`` (V, 2),
+        glTF's convention: (0, 0) is the image's top-left corner."""
+        self.attributes["TEXCOORD_0"] = self.accessor(np.asarray(uvs, np.float32), "VEC2", 34962)
+        self.images.append({"bufferView": self.view(png), "mimeType": "image/png"})
+        self.material["pbrMetallicRoughness"]["baseColorTexture"] = {"index": 0, "texCoord": 0}
+
+    def pack(self, extras: dict | None = None) -> bytes:
+        gltf = {
+            "asset": {"version": "2.0", "generator": "recon3d", **({"extras": extras} if extras else {})},
+            "scene": 0, "scenes": [{"nodes": [0]}], "nodes": [{"mesh": 0}],
+            "meshes": [{"primitives": [{"attributes": self.attributes, "indices": self.indices, "material": 0,
+                                        "mode": 4}]}],
+            "materials": [self.material],
+            "buffers": [{"byteLength": sum(len(b) for b in self.blobs)}],
+            "bufferViews": self.views, "accessors": self.accessors,
+        }
+        if self.images:  # linear filtering with mipmaps, clamped at the atlas border
+            gltf |= {"images": self.images, "textures": [{"sampler": 0, "source": 0}],
+                     "samplers": [{"magFilter": 9729, "minFilter": 9987, "wrapS": 33071, "wrapT": 33071}]}
+        return _pack_glb(gltf, b"".join(self.blobs))
 
 
 def _pack_glb(gltf: dict, binary: bytes) -> bytes:

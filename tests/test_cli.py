@@ -184,6 +184,11 @@ def test_text_refuses_an_empty_prompt_and_an_unreachable_model_in_one_line(tmp_p
      "recon3d: error: Guidance scale must be between 0 and 200, got 500"),
     (["text", " ", "--random-weights"], 2, "recon3d: error: Type a prompt"),
     (["image", "x.png", "--random-weights", "--device", "bogus"], 2, "recon3d: error: Unknown device 'bogus'"),
+    (["image", "x.png", "--random-weights", "--formats", "glb,fbx"], 2,
+     "recon3d: error: Unknown export format fbx: choose from glb, obj, ply, stl"),
+    (["sample", "x.png", "--random-weights", "--texture", "10"], 2,
+     "recon3d: error: Texture size must be between 64 and 8192, got 10"),
+    (["text", "a cup", "--random-weights", "--faces", "many"], 2, "recon3d: error: Face budget must be a number"),
 ])
 def test_cli_refuses_options_with_the_librarys_sentence_before_loading(argv, code, message, capsys):
     from recon3d import __main__ as cli
@@ -251,3 +256,28 @@ def test_sample_instantmesh_from_local_files_writes_glbs_views_and_refuses_bad_s
     extras = pygltflib.GLTF2().load(str(out / "seed-7.glb")).asset.extras
     assert extras["unet"] == str(unet) and extras["reconstructor"] == str(nerf) and extras["guidance"] == 3.0
     assert extras["checkpoint"] == str(diffusion) and extras["random_weights"] is False
+
+
+@pytest.mark.slow
+def test_every_command_exports_the_asked_formats_with_a_face_budget_and_a_texture(tmp_path, capsys):
+    """image, sample and text with --formats/--faces/--texture: OBJ + MTL + PNG, PLY, STL and a textured GLB beside
+    each other, listed in the command's JSON line (random weights: the path, not the shapes)."""
+    import pygltflib
+
+    from recon3d import __main__ as cli
+
+    export = ["--formats", "glb,obj,ply,stl", "--faces", "500", "--texture", "128", "--random-weights"]
+    runs = {"image": ["image", ROOT / "examples" / "duck.png", "--resolution", "64", "--threshold", "auto"],
+            "sample": ["sample", ROOT / "examples" / "duck.png", "--seeds", "3", "--steps", "2", "--resolution", "64"],
+            "text": ["text", "a red cup", "--steps", "2", "--seed", "1"]}
+    for name, argv in runs.items():
+        out = tmp_path / name
+        assert cli.main([*map(str, argv), "-o", str(out), *export]) == 0, capsys.readouterr().err
+        line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+        for ext in ("glb", "obj", "ply", "stl"):
+            assert line[ext].endswith(f".{ext}") and os.path.getsize(line[ext]) > 0, (name, line)
+        stem = line["obj"][:-len(".obj")]
+        assert os.path.exists(stem + ".mtl") and os.path.exists(stem + ".png"), name
+        gltf = pygltflib.GLTF2().load(line["glb"])
+        assert gltf.meshes[0].primitives[0].attributes.TEXCOORD_0 is not None and len(gltf.images) == 1, name
+        assert gltf.asset.extras["export"]["texture"] == 128 and gltf.asset.extras["export"]["faces"] <= 500, name

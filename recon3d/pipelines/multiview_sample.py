@@ -28,6 +28,7 @@ from PIL import Image
 
 from ..cameras import intrinsics_from_fov
 from ..cancel import NEVER, CancelToken
+from ..field import Field
 from ..images import (FOREGROUND_RATIO, BackgroundRemover, ImageInput, PreparedImage, image_to_tensor, prepare_image,
                       views_grid)
 from ..mesh import FLOATER_FRACTION, RESOLUTION, Mesh, MeshSettings, default_resolution, extract_mesh_or_fallback
@@ -299,6 +300,10 @@ class MultiViewSample3D:
     def views_image(sample: Sample) -> Image.Image:
         """A sample's six views as Zero123++ tiles them: 3 rows x 2 columns."""
         return views_grid(tile_views(sample.views[None])[:, None])
+
+    def field_of(self, sample: Sample) -> Field:
+        """The field a sample was meshed from (for exports: a new face budget, a baked texture)."""
+        return self.reconstructor.field(sample.planes.to(self.device, self.dtype))
 
     def comparison(self, samples: list[Sample], size: int = COMPARISON_SIZE,
                    cancel: CancelToken = NEVER) -> Image.Image:

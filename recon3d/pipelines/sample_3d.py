@@ -227,6 +227,10 @@ class Sample3D:
         mesh, _, note = extract_mesh_or_fallback(self.model.field(planes), settings, cancel=cancel)
         return mesh, note
 
+    def field_of(self, sample: Sample) -> Field:
+        """The field a sample was meshed from (for exports: a new face budget, a baked texture)."""
+        return self.model.field(sample.planes.to(self.device, self.dtype))
+
     def comparison(self, samples: list[Sample], size: int = COMPARISON_SIZE,
                    cancel: CancelToken = NEVER) -> Image.Image:
         """The samples side by side from the same four angles (:func:`comparison_grid`)."""
