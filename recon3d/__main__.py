@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -184,9 +185,57 @@ def load_pipeline(args: argparse.Namespace):
                                      offline=offline_mode(args))
 
 
+class Processes:
+    """The processes of one CLI job: one, or those ``accelerate launch --num_processes N -m recon3d ...`` started.
+    Each takes its share of the inputs (accelerate's ``split_between_processes``) on its own device, and the job's
+    exit code counts every process's failures."""
+
+    def __init__(self):
+        self.state = None
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:  # launched by accelerate (or torchrun)
+            import torch
+            from accelerate import PartialState
+
+            # without a GPU the processes share the job over gloo (accelerate's own --cpu flag starts one process:
+            # launch with --multi_gpu, as for the trainer)
+            self.state = PartialState(cpu=not torch.cuda.is_available())
+
+    @property
+    def count(self) -> int:
+        return self.state.num_processes if self.state else 1
+
+    @property
+    def device(self) -> str | None:
+        """This process's device when several share the job (None: the usual choice)."""
+        if self.state is None:
+            return None
+        return "cpu" if self.state.device.type == "cpu" else str(self.state.device)
+
+    def share(self, items: list) -> list:
+        if self.state is None:
+            return items
+        with self.state.split_between_processes(items) as mine:
+            return list(mine)
+
+    def total(self, count: int) -> int:
+        """``count`` summed over the processes."""
+        if self.state is None:
+            return count
+        from accelerate.utils import gather_object
+
+        return sum(gather_object([count]))
+
+    def label(self, name: str) -> str:
+        return f"[{self.state.process_index}] {name}" if self.state else name
+
+
 def run_image(args: argparse.Namespace) -> int:
+    """OUTDIR/<name>.glb (and the asked formats) per image; with ``accelerate launch`` the images are shared
+    between the processes, each on its own device, and the files are those of a single process."""
     from .pipelines.image_to_3d import ImageTo3DOptions
 
+    processes = Processes()
+    args.device = args.device or processes.device
     options = ImageTo3DOptions(remove_background=not args.no_remove_background, density_threshold=args.threshold,
                                **given(foreground_ratio=args.foreground_ratio, mesh_resolution=args.resolution,
                                        remove_floaters=args.remove_floaters))
@@ -198,9 +247,10 @@ def run_image(args: argparse.Namespace) -> int:
         say(refused(exc, also=SETUP_ERRORS))
         return EXIT_SETUP
     args.output.mkdir(parents=True, exist_ok=True)
-    failures = sum(not process_one(pipe, path, options, args.output / name, args)
-                   for path, name in zip(args.images, output_names(args.images)))
-    return EXIT_REFUSED if failures else 0
+    mine = processes.share(list(zip(args.images, output_names(args.images))))  # names from the whole list
+    failures = sum(not process_one(pipe, path, options, args.output / name, args, processes.label(path.name))
+                   for path, name in mine)
+    return EXIT_REFUSED if processes.total(failures) else 0
 
 
 def output_names(paths: list[Path]) -> list[str]:
@@ -213,11 +263,12 @@ def output_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def process_one(pipe, path: Path, options, stem: Path, args: argparse.Namespace) -> bool:
-    """Run one image with a progress bar; False (and a one-line message) if it was refused or failed."""
+def process_one(pipe, path: Path, options, stem: Path, args: argparse.Namespace, label: str | None = None) -> bool:
+    """Run one image with a progress bar (``label``: its name); False (and a one-line message) if it was refused
+    or failed."""
     from .pipelines.events import Finished
 
-    bar = Bar(path.name)
+    bar = Bar(label or path.name)
     try:
         for event in pipe.run(path, options):
             bar.update(event)
@@ -374,7 +425,7 @@ def run_sample(args: argparse.Namespace) -> int:
 
 
 def write_sample(pipe, sample, args: argparse.Namespace, bar: Bar) -> None:
-    files = write_mesh(pipe.field_of(sample), sample.mesh, sample.metadata, args.output / f"seed-{sample.seed}", args)
+    files = write_mesh(pipe.field_from(sample.planes), sample.mesh, sample.metadata, args.output / f"seed-{sample.seed}", args)
     line = {"seed": sample.seed, **files, "faces": len(sample.mesh.faces)}
     if args.method == "instantmesh":
         from .pipelines.multiview_sample import MultiViewSample3D

@@ -98,6 +98,7 @@ class Exported:
 
 # -- faces ---------------------------------------------------------------------------------------------------------
 
+@torch.no_grad()
 def decimate(mesh: Mesh, max_faces: int, field: Field | None = None, cancel: CancelToken = NEVER) -> Mesh:
     """``mesh`` with at most ``max_faces`` triangles (quadric edge collapse, shape kept); the colours of the new
     vertices come from ``field`` (or from the nearest old vertex without one). A mesh already small enough is
@@ -182,6 +183,7 @@ def _cover(corners: torch.Tensor, low: torch.Tensor, high: torch.Tensor, index: 
     weights[flat] = bary[which].float()
 
 
+@torch.no_grad()
 def bake_texture(field: Field, vertices: np.ndarray, faces: np.ndarray, uvs: np.ndarray, size: int,
                  samples: int = 1, cancel: CancelToken = NEVER) -> tuple[np.ndarray, float]:
     """The field's colours on the mesh's surface as a SIZE^2 sRGB texture (uint8) and the covered fraction:
@@ -310,6 +312,7 @@ def write_stl(mesh: Mesh | TexturedMesh, path: Path) -> Path:
     return path
 
 
+@torch.no_grad()
 def export_mesh(field: Field, mesh: Mesh, options: ExportOptions, stem: str | Path, extras: dict | None = None,
                 cancel: CancelToken = NEVER) -> Exported:
     """Write ``mesh`` (made from ``field``) as ``stem.<format>`` for each of ``options.formats``, decimated to the

@@ -7,6 +7,7 @@ Jobs yield the pipelines' typed events, with the files they wrote as events of t
 
 from __future__ import annotations
 
+import copy
 import hashlib
 import threading
 import time
@@ -34,6 +35,9 @@ from .pipelines.sample_3d import Sample3D, SampleOptions
 from .pipelines.sds import SDSControl
 from .pipelines.text_to_3d import QuickLookOptions, TextTo3D, TextTo3DOptions, TextTo3DResult
 from .sharing import DeviceLease, Ticket
+from .export import ExportOptions, export_mesh
+from .field import Field
+from .mesh import Mesh
 
 RANDOM_CHOICES = {
     "random-tiny (random weights)": TINY_LRM_CONFIG,
@@ -318,6 +322,8 @@ def _image_job(service: ModelService, sessions, session: str, checkpoint: str, i
         result: ImageTo3DResult = event.result
         yield Stage(name="write", fraction=0.97, message="Writing the GLB")
         glb = result.save_glb(sessions.output_path(session, Path(image_path).stem, ".glb"))
+        sessions.keep(session, "image", [ExportSource(Path(image_path).stem, result.mesh, result.metadata, "image",
+                                                      checkpoint, result.planes.detach().cpu())])
         processed = sessions.output_path(session, "input", ".png")
         shown_size(result.processed_image).save(processed)
         yield Finished(fraction=1.0, message=event.message,
@@ -333,6 +339,63 @@ def shown_size(image: Image.Image, size: int = SHOWN_SIZE) -> Image.Image:
         return image
     scale = size / min(image.size)
     return image.resize((round(image.width * scale), round(image.height * scale)), Image.Resampling.LANCZOS)
+
+
+@dataclass
+class ExportSource:
+    """What exporting a result again needs, kept on the CPU for its visitor: the mesh, what the GLB records, and
+    the field: rebuilt from the kept ``planes`` by the checkpoint's pipeline, or kept whole (an SDS field)."""
+
+    name: str  # the files' stem
+    mesh: Mesh
+    extras: dict
+    tab: str  # "image", "samples" or "text": which pipeline rebuilds the field
+    checkpoint: str | None = None
+    planes: torch.Tensor | None = None  # (1, 3, C, H, W) on the CPU
+    field: Field | None = None  # kept whole (text)
+
+    def field_on(self, service: "ModelService") -> Field:
+        if self.field is not None:
+            return self.field
+        pipe = service.image_to_3d(self.checkpoint) if self.tab == "image" else service.sample_3d(self.checkpoint)
+        return pipe.field_from(self.planes)
+
+
+def export_job(service: ModelService, sessions, session: str, tab: str, options: ExportOptions,
+               cancel) -> Iterator[Event]:
+    """Export the results the visitor has in ``tab`` again (a face budget, a texture, other formats) without
+    re-running the model: :class:`Finished` with the files, an OBJ with its MTL and PNG as one ZIP. A short job."""
+    sources: list[ExportSource] | None = sessions.kept(session, tab)
+    if not sources:
+        raise ValueError("nothing to export yet: make a model in this tab first (results are kept while you stay)")
+    work = export_work(service, sessions, session, sources, options, cancel)
+    yield from in_line(service, "Export", session, work, cancel, work=len(sources))
+
+
+def export_work(service: ModelService, sessions, session: str, sources: list[ExportSource], options: ExportOptions,
+                cancel) -> Iterator[Event]:
+    files = []
+    for index, source in enumerate(sources):
+        yield Stage(name="export", fraction=index / len(sources), message=f"Exporting {source.name}")
+        folder = sessions.output_path(session, source.name, "")  # a private folder: OBJ's files stay together
+        folder.mkdir(parents=True)
+        exported = export_mesh(source.field_on(service), source.mesh, options, folder / source.name, source.extras,
+                               cancel)
+        for name, path in exported.paths.items():
+            files.append(zip_obj(path) if name == "obj" else path)
+    yield Finished(fraction=1.0, message=f"{len(files)} files", result=files)
+
+
+def zip_obj(obj: Path) -> Path:
+    """The OBJ with its MTL and PNG (when textured) as one ZIP beside them, relative paths kept."""
+    import zipfile
+
+    archive = obj.with_suffix(".obj.zip")
+    with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as bundle:
+        for path in (obj, obj.with_suffix(".mtl"), obj.with_suffix(".png")):
+            if path.is_file():
+                bundle.write(path, path.name)
+    return archive
 
 
 def file_digest(path: str | Path) -> str:
@@ -378,6 +441,7 @@ def _sample_job(service: ModelService, sessions, session: str, checkpoint: str, 
     pipe = service.sample_3d(checkpoint)
     timings["load"], start = time.perf_counter() - start, time.perf_counter()
     samples, previews, digest = list(shown), PreviewFiles(sessions, session, "preview", size=96), file_digest(image_path)
+    kept = list(sessions.kept(session, "samples") or []) if shown else []  # More samples adds to them
     for event in pipe.run(image_path, options, cancel):
         if isinstance(event, Preview):
             yield previews.save(event)
@@ -391,6 +455,9 @@ def _sample_job(service: ModelService, sessions, session: str, checkpoint: str, 
                 pipe.views_image(sample).save(views)
             samples.append(ShownSample(sample.seed, sample.planes, glb, checkpoint, digest, pipe.random_weights,
                                        "; ".join(notes) if notes else None, views))
+            kept.append(ExportSource(f"seed-{sample.seed}", sample.mesh, sample.metadata, "samples", checkpoint,
+                                     sample.planes.detach().cpu()))
+            sessions.keep(session, "samples", list(kept))
             yield SampleShown(fraction=event.fraction, message=event.message, sample=samples[-1])
         elif not isinstance(event, Finished):
             yield event
@@ -431,6 +498,9 @@ def _text_job(service: ModelService, sessions, session: str, checkpoint: str, pr
         elif isinstance(event, (Exported, Finished)):
             stem = f"text-{options.seed}-step-{event.result.extras['steps_done']}"
             glb = event.result.save_glb(sessions.output_path(session, stem, ".glb"))
+            field = copy.deepcopy(event.result.radiance_field).cpu().requires_grad_(False)  # this state, kept
+            sessions.keep(session, "text", [ExportSource(stem, event.result.mesh, event.result.extras, "text",
+                                                         field=field)])
             mesh = MeshFile(fraction=event.fraction, message=event.message, path=glb, result=event.result,
                             final=isinstance(event, Finished))
             yield mesh

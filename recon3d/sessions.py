@@ -43,6 +43,7 @@ class Sessions:
         self._jobs: dict[str, set[CancelToken]] = {}
         self._adopted: dict[str, set[Path]] = {}  # files made elsewhere (uploads) that leave with the visitor
         self._ended: dict[str, float] = {}  # visitors who left (kept for ttl_s): nothing more is written for them
+        self._kept: dict[str, dict[str, object]] = {}  # results kept in memory for a visitor (to export again)
         self._lock = threading.Lock()
 
     def clear(self) -> None:
@@ -112,8 +113,21 @@ class Sessions:
         _delete(removed)
         return expired
 
+    def keep(self, session: str, key: str, value: object) -> None:
+        """Keep ``value`` (e.g. what an export needs of a result) for the visitor under ``key``, replacing what
+        was kept there; it leaves with the visitor's files."""
+        with self._lock:
+            if session not in self._ended:
+                self._kept.setdefault(session, {})[key] = value
+                self._last_used[session] = self.clock()
+
+    def kept(self, session: str, key: str) -> object | None:
+        with self._lock:
+            return self._kept.get(session, {}).get(key)
+
     def _forget(self, session: str) -> list[Path]:
         """Drop a visitor's records (under the lock); the paths to delete."""
+        self._kept.pop(session, None)
         self._last_used.pop(session, None)
         folder = self._folders.pop(session, None)
         return ([folder] if folder is not None else []) + sorted(self._adopted.pop(session, ()))

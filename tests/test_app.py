@@ -795,3 +795,46 @@ def test_a_waiting_job_knows_its_place_and_one_visitor_runs_one_long_job(app_url
     assert not run.done()
     assert "Stopping" in first.predict(api_name="/stop_text_to_3d")
     run.result(timeout=120)
+
+
+def test_every_tab_exports_its_results_through_its_endpoint(app_url):
+    """/export_samples, /export_text and /export_image as the README shows them: the results of the same client
+    session made again as other files (random weights: the path, not the shapes)."""
+    import zipfile
+
+    import pygltflib
+    import trimesh
+    from gradio_client import Client, handle_file
+
+    client = Client(app_url, verbose=False)
+    sample_call(client, seeds="3, 5", count=2, steps=2).result()
+    files, message = client.predict(1000, 0, ["ply", "stl"], api_name="/export_samples")
+    assert sorted(Path(path).name for path in files) == ["seed-3.ply", "seed-3.stl", "seed-5.ply", "seed-5.stl"]
+    assert all(len(trimesh.load(path, process=False).faces) <= 1000 for path in files) and "4 files" in message
+    client.predict("a small vase", "", "custom", 2, 4, 50, RANDOM_MVDREAM, api_name="/text_to_3d")
+    (glb,), _ = client.predict(None, 64, ["glb"], api_name="/export_text")
+    gltf = pygltflib.GLTF2().load(glb)
+    assert gltf.meshes[0].primitives[0].attributes.TEXCOORD_0 is not None and gltf.asset.extras["prompt"] == "a small vase"
+    client.predict(handle_file(str(ROOT / "examples" / "duck.png")), RANDOM_TINY, True, 0.8, 64, True,
+                   api_name="/image_to_3d")
+    (archive,), _ = client.predict(300, 128, ["obj"], api_name="/export_image")
+    with zipfile.ZipFile(archive) as bundle:
+        assert sorted(bundle.namelist()) == ["duck.mtl", "duck.obj", "duck.png"]
+
+
+def test_real_browser_exports_from_the_panel_and_its_cancel_says_so(app_url):
+    with browser_page(app_url, 1280, 1400) as page:
+        page.wait_for_selector("#generate", timeout=60000)
+        page.locator("#input-image input[type=file]").set_input_files(str(ROOT / "examples" / "duck.png"))
+        page.locator("#mesh-resolution input").fill("64")
+        page.locator("#generate").click()
+        page.wait_for_function("document.querySelector('#timings').innerText.includes('total')", timeout=120000)
+        page.locator("#image-export").get_by_text("Export: face budget").click()  # open the accordion
+        page.locator("#image-export-faces input").fill("800")
+        page.locator("#image-export-formats").get_by_label("stl").check()
+        page.locator("#image-export-go").click()
+        page.wait_for_function("document.querySelector('#image-export-message').innerText.includes('2 files')",
+                               timeout=120000)
+        names = page.locator("#image-export-files").inner_text()
+        screenshot(page, "image-export")
+    assert ".glb" in names and ".stl" in names

@@ -2,6 +2,7 @@
 the launched app and real browsers are in test_app.py (slow)."""
 
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -375,6 +376,9 @@ ENDPOINTS = {  # what each endpoint returns, by name: the README documents these
     "/quick_look": ["Quick look: what the prior imagines (no 3D yet)"],
     "/stop_text_to_3d": ["Message"],
     "/export_text_to_3d": ["Message"],
+    "/export_image": ["Exported files", "Message"],
+    "/export_samples": ["Exported files", "Message"],
+    "/export_text": ["Exported files", "Message"],
 }
 
 
@@ -431,3 +435,44 @@ def test_sample_slots_show_samples_as_they_arrive_and_leave_shown_viewers_alone(
     cleared = slots.fill([], second[slots.on_page])  # a new run starts
     assert [cleared[viewer]["visible"] for viewer in slots.viewers[:2]] == ["hidden", "hidden"]
     assert cleared[slots.viewers[0]]["value"] is None and cleared[slots.on_page] == []
+
+
+def test_the_export_panel_makes_the_result_again_as_other_files_without_the_model(tmp_path):
+    """Image to 3D as a visitor, then its Export: a textured GLB within the face budget, the OBJ as a ZIP with its
+    MTL and PNG, an STL; nothing to export before a result or after the visitor left; bad values in one line."""
+    import asyncio
+    import zipfile
+
+    import gradio as gr
+    import pygltflib
+
+    from recon3d.app import export_panel, image_tab
+
+    service, sessions = ModelService(ServiceSettings(random_weights=True)), Sessions(tmp_path / "outputs")
+    export = export_panel.make_handler(service, sessions, "image")
+    run = lambda handler, *args: asyncio.run(handler(*args, progress=lambda *a, **k: None))  # noqa: E731
+    with pytest.raises(gr.Error, match="Nothing to export yet: make a model in this tab first"):
+        run(export, 500, 128, ["glb"])
+    glb, *_ = run(image_tab.make_handler(service, sessions), str(ROOT / "examples" / "duck.png"),
+                  "random-tiny (random weights)", False, 0.8, 64, True)
+    calls = []
+    service_image_to_3d = service.image_to_3d
+    service.image_to_3d = lambda name: calls.append(name) or service_image_to_3d(name)
+    files, message = run(export, 500, 128, ["glb", "obj", "stl"])
+    names = sorted(Path(path).name for path in files)
+    assert names == ["duck.glb", "duck.obj.zip", "duck.stl"] and message == "3 files: at most 500 faces, a 128x128 texture."
+    gltf = pygltflib.GLTF2().load(next(path for path in files if path.endswith(".glb")))
+    assert gltf.meshes[0].primitives[0].attributes.TEXCOORD_0 is not None
+    assert gltf.asset.extras["export"]["faces"] <= 500 and gltf.asset.extras["method"] == "LRM"
+    with zipfile.ZipFile(next(path for path in files if path.endswith(".zip"))) as bundle:
+        assert sorted(bundle.namelist()) == ["duck.mtl", "duck.obj", "duck.png"]
+    assert all(str(sessions.root) in path for path in files)  # in the visitor's private folder
+    assert calls == ["random-tiny (random weights)"]  # the loaded pipeline rebuilt the field: no model run
+    for faces, texture, formats, said in ((50, 0, ["glb"], "Face budget must be between 100 and 10000000, got 50"),
+                                          (None, 9, ["glb"], "Texture size must be between 64 and 8192, got 9"),
+                                          (None, 0, [], "Unknown export format (none given)")):
+        with pytest.raises(gr.Error, match=re.escape(said)):
+            run(export, faces, texture, formats)
+    sessions.end("anonymous")  # the visitor left: what was kept for them is gone with their files
+    with pytest.raises(gr.Error, match="Nothing to export yet"):
+        run(export, None, 0, ["glb"])

@@ -281,3 +281,28 @@ def test_every_command_exports_the_asked_formats_with_a_face_budget_and_a_textur
         gltf = pygltflib.GLTF2().load(line["glb"])
         assert gltf.meshes[0].primitives[0].attributes.TEXCOORD_0 is not None and len(gltf.images) == 1, name
         assert gltf.asset.extras["export"]["texture"] == 128 and gltf.asset.extras["export"]["faces"] <= 500, name
+
+
+@pytest.mark.slow
+def test_two_processes_share_the_images_and_write_the_files_of_one(tmp_path):
+    """``accelerate launch --num_processes 2 -m recon3d image ...`` on the CPU: each process takes its share, the
+    files are byte for byte those of a single-process run, and one refused input makes the job's exit code 1."""
+    images = [ROOT / "examples" / name for name in ("duck.png", "mug.png", "pawn.png")]
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    flags = ["--random-weights", "--resolution", "64", "--formats", "glb,stl"]
+    single = run_cli("image", *images, "-o", tmp_path / "one", *flags, cwd=tmp_path)
+    assert single.returncode == 0, single.stderr
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    launch = [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+              "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m", "recon3d", "image"]
+    shared = subprocess.run([*launch, *map(str, [*images, bad]), "-o", str(tmp_path / "two"), *flags], cwd=tmp_path,
+                            env=env, capture_output=True, text=True, timeout=600)
+    assert shared.returncode == 1, shared.stderr[-3000:]  # bad.png was refused by one process: the job says so
+    assert "bad.png: not an image file" in shared.stderr
+    assert {"[0] duck.png", "[0] mug.png", "[1] pawn.png", "[1] bad.png"} <= set(
+        part.split(":")[0] for part in shared.stderr.replace("\r", "\n").split("\n") if part.startswith("["))
+    written = sorted(path.name for path in (tmp_path / "one").iterdir())
+    assert written == sorted(path.name for path in (tmp_path / "two").iterdir()) and len(written) == 9
+    for name in written:
+        assert (tmp_path / "one" / name).read_bytes() == (tmp_path / "two" / name).read_bytes(), name

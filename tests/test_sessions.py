@@ -178,3 +178,17 @@ def test_clean_up_runs_before_the_consumer_hears_of_a_cancelled_token():
     with pytest.raises(Cancelled):
         asyncio.run(consume())
     assert stopped.is_set()
+
+
+def test_what_is_kept_for_a_visitor_leaves_with_them_or_expires(tmp_path):
+    clock = type("Clock", (), {"now": 0.0, "__call__": lambda self: self.now})()
+    sessions = Sessions(tmp_path, ttl_s=10, clock=clock)
+    sessions.keep("a", "image", ["result of a"])
+    sessions.keep("b", "image", ["result of b"])
+    assert sessions.kept("a", "image") == ["result of a"] and sessions.kept("a", "text") is None
+    sessions.end("a")
+    assert sessions.kept("a", "image") is None and sessions.kept("b", "image") == ["result of b"]
+    sessions.keep("a", "image", ["late"])  # a job that ends after its visitor left keeps nothing
+    assert sessions.kept("a", "image") is None
+    clock.now = 11.0
+    assert sessions.expire() == ["b"] and sessions.kept("b", "image") is None

@@ -16,6 +16,7 @@ from ..pipelines.image_to_3d import ImageTo3DOptions
 from ..pipelines.multiview_sample import MultiViewOptions
 from ..service import INSTANTMESH_CHOICES, ImageOutputs, ModelService, image_job
 from ..sessions import Sessions
+from . import export_panel
 from .common import (ASSETS, GPU_QUEUE, UPLOAD_FIRST, checked, examples, image_input, is_example, job_result, refuse,
                      result_json, ui_only, viewer, visitor_id)
 
@@ -142,6 +143,7 @@ def build(service: ModelService, sessions: Sessions) -> None:
                          outputs=[download, processed, result, shown], show_progress_on=[model],
                          api_name="image_to_3d", concurrency_id=GPU_QUEUE, concurrency_limit=None)  # its line: sharing
     ui_only(shown.change, show_result, inputs=[shown], outputs=[model, timings])
+    export_panel.build(service, sessions, "image")
     ui_only(cancel.click, lambda: CANCELLED, outputs=[timings], cancels=[job])  # says so: no silent reset
     ui_only(checkpoint.change, foreground_default, inputs=[checkpoint], outputs=[foreground_ratio])
 

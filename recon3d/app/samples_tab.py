@@ -16,6 +16,7 @@ from ..pipelines.sample_3d import COUNT, DEFAULT_COUNT, MAX_SEEDS, SampleOptions
 from ..service import (RANDOM_DMV3D_CHOICES, RANDOM_INSTANTMESH, ModelService, PreviewFile, SampleShown,
                        ShownSample, file_digest, sample_job, seconds_table)
 from ..sessions import Sessions
+from . import export_panel
 from .common import (GPU_QUEUE, UPLOAD_FIRST, checked, examples, image_input, is_example, refuse, result_json,
                      ui_only, viewer, visitor_id, visitor_job)
 
@@ -218,6 +219,7 @@ def build(service: ModelService, sessions: Sessions) -> None:
                                       type="filepath", height=200, elem_id="samples-comparison")
             files = gr.File(label="GLBs", file_count="multiple", elem_id="samples-files")
             views = gr.File(label="Generated views", file_count="multiple", visible=False)  # each slot shows its own
+    export_panel.build(service, sessions, "samples")
     slots = SampleSlots(MAX_SEEDS)  # each a 3D viewer: browsers cap WebGL contexts
     state = gr.State([])
     slots.wire(state)

@@ -16,6 +16,7 @@ from ..pipelines.sds import PRESET_DESCRIPTIONS, PRESETS, SDSControl
 from ..pipelines.text_to_3d import CUSTOM, QuickLookOptions, TextTo3DOptions, TextTo3DResult, check_prompt
 from ..service import MeshFile, ModelService, PreviewFile, quick_look_job, text_job
 from ..sessions import Sessions
+from . import export_panel
 from .common import (GPU_QUEUE, LONG_RUNS, SWITCHES, checked, job_result, result_json, ui_only, viewer, visitor_id,
                      visitor_job)
 
@@ -283,6 +284,7 @@ def build(service: ModelService, sessions: Sessions, controls: TextControls) -> 
                                elem_id="text-loss")  # typed from the start, so both axes are numeric
             model = viewer("3D model", 360, "text-viewer")
             download = gr.File(label="GLB", elem_id="text-download")
+    export_panel.build(service, sessions, "text")
     mesh = gr.State(None)
     outputs = {"status": status, "preview": preview, "plot": plot, "download": download, "result": result_json(),
                "mesh": mesh}

@@ -301,9 +301,10 @@ class MultiViewSample3D:
         """A sample's six views as Zero123++ tiles them: 3 rows x 2 columns."""
         return views_grid(tile_views(sample.views[None])[:, None])
 
-    def field_of(self, sample: Sample) -> Field:
-        """The field a sample was meshed from (for exports: a new face budget, a baked texture)."""
-        return self.reconstructor.field(sample.planes.to(self.device, self.dtype))
+    def field_from(self, planes: torch.Tensor) -> Field:
+        """The field of a sample's planes (1, 3, C, H, W), e.g. kept on the CPU (exports: a new face budget, a
+        baked texture)."""
+        return self.reconstructor.field(planes.to(self.device, self.dtype))
 
     def comparison(self, samples: list[Sample], size: int = COMPARISON_SIZE,
                    cancel: CancelToken = NEVER) -> Image.Image:
@@ -358,6 +359,10 @@ class ViewsImageTo3D:
         return self.sampler.device
 
     @torch.no_grad()
+    def field_from(self, planes: torch.Tensor) -> Field:
+        """The field of a result's planes (exports: a new face budget, a baked texture)."""
+        return self.sampler.field_from(planes)
+
     def run(self, image: ImageInput, options: ImageTo3DOptions | None = None,
             cancel: CancelToken = NEVER) -> Iterator[Event]:
         import time
@@ -379,12 +384,11 @@ class ViewsImageTo3D:
                 timings["views, reconstruction and mesh"] = time.perf_counter() - start
             elif not isinstance(event, Finished):
                 yield event
-        nerf = self.sampler.reconstructor
-        field_ = nerf.field(sample.planes.to(self.device, self.sampler.dtype))
+        field_ = self.field_from(sample.planes)
         metadata = sample.metadata | {"method": f"{METHOD} (Image to 3D, one seed)"}
+        settings = self.sampler.reconstructor.config.render_settings()
         result = ImageTo3DResult(prepared, sample.planes, sample.mesh, field_, timings, sample.stats,
-                                 list(sample.metadata.get("notes", [])), nerf.config.render_settings(), VIEW_SIZE,
-                                 metadata)
+                                 list(sample.metadata.get("notes", [])), settings, VIEW_SIZE, metadata)
         yield Finished(fraction=1.0, message=f"{len(sample.mesh.faces):,} triangles", result=result)
 
 

@@ -227,9 +227,10 @@ class Sample3D:
         mesh, _, note = extract_mesh_or_fallback(self.model.field(planes), settings, cancel=cancel)
         return mesh, note
 
-    def field_of(self, sample: Sample) -> Field:
-        """The field a sample was meshed from (for exports: a new face budget, a baked texture)."""
-        return self.model.field(sample.planes.to(self.device, self.dtype))
+    def field_from(self, planes: torch.Tensor) -> Field:
+        """The field of a sample's planes (1, 3, C, H, W), e.g. kept on the CPU (exports: a new face budget, a
+        baked texture)."""
+        return self.model.field(planes.to(self.device, self.dtype))
 
     def comparison(self, samples: list[Sample], size: int = COMPARISON_SIZE,
                    cancel: CancelToken = NEVER) -> Image.Image:
