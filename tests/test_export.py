@@ -132,6 +132,8 @@ def test_obj_mtl_png_ply_and_stl_load_back_in_trimesh(ball_mesh, tmp_path):
     assert np.allclose(stl.bounds, [[-30] * 3, [30] * 3], atol=1.0)  # millimetres: the [-1, 1] box is 100 mm
     positions, uvs, faces, texture, _ = read_textured_glb(tmp_path / "ball.glb")  # the same mesh as the OBJ
     assert len(faces) == len(obj.faces) and texture.shape == (256, 256, 3)
+    imported = trimesh.load(tmp_path / "ball.glb", force="mesh", process=False)  # a glTF importer sees the texture
+    assert imported.visual.kind == "texture" and imported.visual.material.baseColorTexture.size == (256, 256)
 
 
 def test_vertex_colour_exports_without_a_texture(ball_mesh, tmp_path):
