@@ -154,3 +154,21 @@ def test_a_cancelled_turntable_stops_between_frames(pipe):
     with pytest.raises(Cancelled):
         result.render_turntable(frames=24, size=16, cancel=token)
     assert token.checks == 3
+
+
+def test_image_to_3d_builds_no_autograd_graph():
+    """Both Image to 3D pipelines run under no_grad: the planes and the field they leave hold no graph (a graph
+    kept alive by a result would hold the encoder's activations in memory)."""
+    from recon3d import run_to_end
+    from recon3d.pipelines.image_to_3d import ImageTo3DOptions
+    from recon3d.service import RANDOM_INSTANTMESH, ModelService, ServiceSettings
+
+    from recon3d.pipelines.multiview_sample import ViewsImageTo3D
+
+    service = ModelService(ServiceSettings(random_weights=True))
+    pipes = [service.image_to_3d("random-tiny (random weights)"),
+             ViewsImageTo3D(service.sample_3d(RANDOM_INSTANTMESH), steps=1)]
+    for pipe in pipes:
+        result = run_to_end(pipe.run(ROOT / "examples" / "duck.png",
+                                     ImageTo3DOptions(mesh_resolution=64, remove_background=False)))
+        assert result.planes.grad_fn is None and not result.planes.requires_grad, type(pipe).__name__

@@ -131,12 +131,12 @@ class ImageTo3D:
     def __call__(self, image: ImageInput, **options) -> ImageTo3DResult:
         return run_to_end(self.run(image, ImageTo3DOptions(**options)))
 
-    @torch.no_grad()
     def field_from(self, planes: torch.Tensor) -> TriplaneField:
         """The field of a result's planes (1, 3, C, 64, 64), e.g. kept on the CPU (exports: a new face budget, a
         baked texture)."""
         return self.model.field(planes.to(self.device, self.dtype))
 
+    @torch.no_grad()
     def run(self, image: ImageInput, options: ImageTo3DOptions | None = None,
             cancel: CancelToken = NEVER) -> Iterator[Event]:
         """The job as :class:`~recon3d.pipelines.events.Stage` events, then :class:`Finished` with the

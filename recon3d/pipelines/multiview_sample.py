@@ -358,11 +358,11 @@ class ViewsImageTo3D:
     def device(self) -> torch.device:
         return self.sampler.device
 
-    @torch.no_grad()
     def field_from(self, planes: torch.Tensor) -> Field:
         """The field of a result's planes (exports: a new face budget, a baked texture)."""
         return self.sampler.field_from(planes)
 
+    @torch.no_grad()
     def run(self, image: ImageInput, options: ImageTo3DOptions | None = None,
             cancel: CancelToken = NEVER) -> Iterator[Event]:
         import time
