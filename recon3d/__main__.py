@@ -245,6 +245,7 @@ def run_image(args: argparse.Namespace) -> int:
         pipe = load_pipeline(args)
     except Exception as exc:
         say(refused(exc, also=SETUP_ERRORS))
+        processes.total(1)  # the other processes wait for every one's count
         return EXIT_SETUP
     args.output.mkdir(parents=True, exist_ok=True)
     mine = processes.share(list(zip(args.images, output_names(args.images))))  # names from the whole list

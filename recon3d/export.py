@@ -21,6 +21,7 @@ the object's [-1, 1] box as 100 mm.
 from __future__ import annotations
 
 import io
+import re
 import time
 from dataclasses import dataclass, field as dataclass_field
 from pathlib import Path
@@ -107,9 +108,11 @@ def decimate(mesh: Mesh, max_faces: int, field: Field | None = None, cancel: Can
 
     if len(mesh.faces) <= max_faces:
         return mesh
-    vertices, faces = fast_simplification.simplify(mesh.vertices.astype(np.float32), mesh.faces.astype(np.int32),
-                                                   target_count=int(max_faces))
-    vertices, faces = vertices.astype(np.float32), faces.astype(np.int64)
+    vertices, faces, target = mesh.vertices.astype(np.float32), mesh.faces.astype(np.int32), int(max_faces)
+    while len(faces) > max_faces:  # the count is the library's target: aim lower until the budget is met
+        vertices, faces = fast_simplification.simplify(vertices, faces, target_count=target)
+        vertices, faces, target = vertices.astype(np.float32), faces.astype(np.int32), int(target * 0.98)
+    faces = faces.astype(np.int64)
     cancel.check()
     if field is not None:
         colors = vertex_colors(field, vertices, cancel=cancel)
@@ -122,25 +125,37 @@ def decimate(mesh: Mesh, max_faces: int, field: Field | None = None, cancel: Can
 
 # -- texture -------------------------------------------------------------------------------------------------------
 
-def unwrap(mesh: Mesh) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """xatlas charts: (source vertex of each new vertex (V',), faces (F, 3) into the new vertices, uvs (V', 2) in
-    [0, 1] with v measured from the image's top, as glTF reads them)."""
+def unwrap(mesh: Mesh, size: int = 1024) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """xatlas charts packed for a SIZE^2 texture with a gutter between them (so that the dilated colours, not a
+    neighbouring chart, lie under filtering and mipmaps): (source vertex of each new vertex (V',), faces (F, 3)
+    into the new vertices, uvs (V', 2) in [0, 1] with v measured from the image's top, as glTF reads them)."""
     import xatlas
 
-    source, faces, uvs = xatlas.parametrize(mesh.vertices.astype(np.float32), mesh.faces.astype(np.uint32))
+    atlas = xatlas.Atlas()
+    atlas.add_mesh(mesh.vertices.astype(np.float32), mesh.faces.astype(np.uint32))
+    pack = xatlas.PackOptions()
+    pack.resolution, pack.padding, pack.bilinear = size, gutter(size), True
+    atlas.generate(pack_options=pack)
+    source, faces, uvs = atlas[0]
     return source.astype(np.int64), faces.astype(np.int64), uvs.astype(np.float32)
 
 
+def gutter(size: int) -> int:
+    """Texels left empty between charts: 2 at 512, 4 at 1024, 8 at 2048 (the dilation fills them)."""
+    return max(2, size // 256)
+
+
 def rasterise_uv(uvs: np.ndarray, faces: np.ndarray, size: int, offset: tuple[float, float] = (0.5, 0.5),
-                 budget: int = 1 << 22) -> tuple[torch.Tensor, torch.Tensor]:
+                 budget: int = 1 << 20) -> tuple[torch.Tensor, torch.Tensor]:
     """Which triangle covers each texel's sample point (x + offset, y + offset) in UV space, and where: the
     triangle index (S, S) (-1: none) and barycentric weights (S, S, 3). Texel (row y, column x) covers
-    u in [x, x + 1) / S and v in [y, y + 1) / S (row 0 at the top). Triangles are taken in chunks whose bounding
-    boxes hold at most ``budget`` texels."""
+    u in [x, x + 1) / S and v in [y, y + 1) / S (row 0 at the top). A point on an edge shared by two triangles
+    goes to one of them. Triangles are taken in chunks whose texel boxes hold at most ``budget`` texels (a larger
+    triangle alone, in bands of rows), so memory stays bounded for any mesh and texture size."""
     corners = torch.from_numpy(uvs)[torch.from_numpy(faces)].double() * size  # (F, 3, 2) texel units (x, y)
-    dx, dy = offset
-    low = torch.floor(corners.amin(1) - torch.tensor([dx, dy], dtype=torch.float64)).long() + 1  # (F, 2)
-    high = torch.floor(corners.amax(1) - torch.tensor([dx, dy], dtype=torch.float64)).long()  # (F, 2) inclusive
+    shift = torch.tensor(offset, dtype=torch.float64)
+    low = torch.ceil(corners.amin(1) - shift).long().clamp(0, size - 1)  # (F, 2) first texel (x, y) whose point
+    high = torch.floor(corners.amax(1) - shift).long().clamp(0, size - 1)  # may lie inside; last, inclusive
     side = (high - low + 1).clamp(min=1).amax(1)  # (F,) the longer side of each triangle's texel box
     order = torch.argsort(side)
     cost = side[order] ** 2  # (F,) ascending: a chunk's boxes are all as large as its last one's
@@ -149,23 +164,25 @@ def rasterise_uv(uvs: np.ndarray, faces: np.ndarray, size: int, offset: tuple[fl
     start = 0
     while start < len(order):
         # the most triangles from ``start`` on whose boxes, each as large as the chunk's largest, fit the budget
-        counts = torch.arange(1, len(order) - start + 1)
-        fits = (counts * cost[start:] <= budget).nonzero()
+        fits = (torch.arange(1, len(order) - start + 1) * cost[start:] <= budget).nonzero()
         stop = start + (int(fits[-1]) + 1 if len(fits) else 1)
-        chunk = order[start:stop]
-        width = height = int(side[order[stop - 1]])
-        _cover(corners[chunk], low[chunk], high[chunk], chunk, width, height, (dx, dy), size, owner, weights)
+        chunk, width = order[start:stop], int(side[order[stop - 1]])
+        rows = max(1, min(width, budget // width))  # one large triangle: bands of rows
+        for band in range(0, width, rows):
+            band_low = low[chunk] + torch.tensor([0, band])
+            _cover(corners[chunk], band_low, high[chunk], chunk, width, rows, offset, size, owner, weights)
         start = stop
     return owner.view(size, size), weights.view(size, size, 3)
 
 
 def _cover(corners: torch.Tensor, low: torch.Tensor, high: torch.Tensor, index: torch.Tensor, width: int,
            height: int, offset: tuple[float, float], size: int, owner: torch.Tensor, weights: torch.Tensor) -> None:
-    """Mark the texels whose sample point lies in one of these triangles (corners (C, 3, 2), boxes low/high (C, 2))."""
+    """Mark the texels whose sample point lies in one of these triangles (corners (C, 3, 2)), looking at the
+    ``width`` x ``height`` texels from ``low`` (C, 2) on, up to ``high`` (C, 2) inclusive."""
     ys, xs = torch.meshgrid(torch.arange(height), torch.arange(width), indexing="ij")
     x = low[:, 0, None, None] + xs  # (C, h, w) texel columns
     y = low[:, 1, None, None] + ys
-    in_box = (x <= high[:, 0, None, None]) & (y <= high[:, 1, None, None]) & (x >= 0) & (y >= 0) & (x < size) & (y < size)
+    in_box = (x <= high[:, 0, None, None]) & (y <= high[:, 1, None, None])
     px, py = x.double() + offset[0], y.double() + offset[1]
     a, b, c = corners[:, 0], corners[:, 1], corners[:, 2]  # (C, 2)
     area = (b[:, 0] - a[:, 0]) * (c[:, 1] - a[:, 1]) - (b[:, 1] - a[:, 1]) * (c[:, 0] - a[:, 0])  # (C,) twice signed
@@ -179,8 +196,11 @@ def _cover(corners: torch.Tensor, low: torch.Tensor, high: torch.Tensor, index: 
     inside = in_box & (bary >= -1e-9).all(-1) & (area.abs() > 1e-12)[:, None, None]
     which = inside.nonzero(as_tuple=True)
     flat = y[which] * size + x[which]
-    owner[flat] = index[which[0]]
-    weights[flat] = bary[which].float()
+    texels, slot = torch.unique(flat, return_inverse=True)  # a texel claimed twice (a shared edge): the first
+    first = torch.full((len(texels),), len(flat), dtype=torch.long).scatter_reduce_(
+        0, slot, torch.arange(len(flat)), "amin")
+    owner[texels] = index[which[0][first]]
+    weights[texels] = bary[which][first].float()
 
 
 @torch.no_grad()
@@ -242,7 +262,7 @@ def texture_mesh(mesh: Mesh, field: Field, size: int, samples: int = 1, cancel: 
     """Unwrap ``mesh`` and bake the field's colours into a SIZE^2 texture (stage seconds into ``timings``)."""
     timings = {} if timings is None else timings
     start = time.perf_counter()
-    source, faces, uvs = unwrap(mesh)
+    source, faces, uvs = unwrap(mesh, size)
     timings["unwrap"] = time.perf_counter() - start
     start = time.perf_counter()
     vertices = mesh.vertices[source].astype(np.float32)
@@ -277,7 +297,7 @@ def write_obj(mesh: Mesh | TexturedMesh, path: Path) -> Path:
     lines = ["# recon3d"]
     vertices = _y_up(mesh.vertices)
     if isinstance(mesh, TexturedMesh):
-        mtl, png = path.with_suffix(".mtl"), path.with_suffix(".png")
+        mtl, png = companions(path)
         Image.fromarray(mesh.texture, "RGB").save(png)
         mtl.write_text(f"newmtl baked\nKa 0 0 0\nKd 1 1 1\nKs 0 0 0\nillum 1\nmap_Kd {png.name}\n")
         lines += [f"mtllib {mtl.name}", "usemtl baked"]
@@ -291,6 +311,12 @@ def write_obj(mesh: Mesh | TexturedMesh, path: Path) -> Path:
         lines += [f"f {a} {b} {c}" for a, b, c in mesh.faces + 1]
     path.write_text("\n".join(lines) + "\n")
     return path
+
+
+def companions(obj: Path) -> tuple[Path, Path]:
+    """The MTL and PNG beside an OBJ, named without spaces (OBJ splits ``mtllib`` and ``map_Kd`` on them)."""
+    stem = re.sub(r"[^A-Za-z0-9._-]+", "_", obj.stem) or "mesh"
+    return obj.with_name(f"{stem}.mtl"), obj.with_name(f"{stem}.png")
 
 
 def write_ply(mesh: Mesh, path: Path) -> Path:

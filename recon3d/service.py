@@ -34,8 +34,9 @@ from .pipelines.multiview_sample import INSTANT_NERF_LARGE, MultiViewOptions, Mu
 from .pipelines.sample_3d import Sample3D, SampleOptions
 from .pipelines.sds import SDSControl
 from .pipelines.text_to_3d import QuickLookOptions, TextTo3D, TextTo3DOptions, TextTo3DResult
+from .sessions import safe_stem
 from .sharing import DeviceLease, Ticket
-from .export import ExportOptions, export_mesh
+from .export import ExportOptions, companions, export_mesh
 from .field import Field
 from .mesh import Mesh
 
@@ -322,8 +323,9 @@ def _image_job(service: ModelService, sessions, session: str, checkpoint: str, i
         result: ImageTo3DResult = event.result
         yield Stage(name="write", fraction=0.97, message="Writing the GLB")
         glb = result.save_glb(sessions.output_path(session, Path(image_path).stem, ".glb"))
-        sessions.keep(session, "image", [ExportSource(Path(image_path).stem, result.mesh, result.metadata, "image",
-                                                      checkpoint, result.planes.detach().cpu())])
+        kept = ExportSource(safe_stem(Path(image_path).stem), result.mesh, result.metadata, "image", checkpoint,
+                            result.planes.detach().cpu())
+        sessions.keep(session, "image", [kept])
         processed = sessions.output_path(session, "input", ".png")
         shown_size(result.processed_image).save(processed)
         yield Finished(fraction=1.0, message=event.message,
@@ -392,7 +394,7 @@ def zip_obj(obj: Path) -> Path:
 
     archive = obj.with_suffix(".obj.zip")
     with zipfile.ZipFile(archive, "w", zipfile.ZIP_DEFLATED) as bundle:
-        for path in (obj, obj.with_suffix(".mtl"), obj.with_suffix(".png")):
+        for path in (obj, *companions(obj)):
             if path.is_file():
                 bundle.write(path, path.name)
     return archive
@@ -442,6 +444,7 @@ def _sample_job(service: ModelService, sessions, session: str, checkpoint: str, 
     timings["load"], start = time.perf_counter() - start, time.perf_counter()
     samples, previews, digest = list(shown), PreviewFiles(sessions, session, "preview", size=96), file_digest(image_path)
     kept = list(sessions.kept(session, "samples") or []) if shown else []  # More samples adds to them
+    sessions.keep(session, "samples", list(kept))  # Generate starts over: the page shows none of the old ones
     for event in pipe.run(image_path, options, cancel):
         if isinstance(event, Preview):
             yield previews.save(event)

@@ -164,3 +164,43 @@ def test_uv_rasterisation_covers_each_texel_once_with_barycentrics_that_sum_to_o
     assert owner[0, 15] == 0 and owner[15, 0] == 1
     point = (weights[3, 9, :, None] * torch.from_numpy(uvs[faces[owner[3, 9]]])).sum(0)
     assert torch.allclose(point, torch.tensor([9.5, 3.5]) / 16, atol=1e-6)  # the texel centre, back from its weights
+
+
+def test_uv_rasterisation_is_the_same_in_small_chunks_and_bands():
+    """A budget far below one triangle's box (bands of rows, one triangle per chunk) gives the same owners and
+    weights as the default chunks, and every texel's weights give back its own sample point."""
+    k = 7  # a 7 x 7 grid of quads, two triangles each, over the whole texture (an atlas without gaps)
+    grid = np.stack(np.meshgrid(np.arange(k + 1), np.arange(k + 1), indexing="xy"), -1).reshape(-1, 2) / k
+    quads = [(r * (k + 1) + c, r * (k + 1) + c + 1, (r + 1) * (k + 1) + c + 1, (r + 1) * (k + 1) + c)
+             for r in range(k) for c in range(k)]
+    faces = np.array([tri for a, b, c, d in quads for tri in ((a, b, c), (a, c, d))])
+    uvs = grid.astype(np.float32)
+    big_owner, big_weights = rasterise_uv(uvs, faces, 64)
+    small_owner, small_weights = rasterise_uv(uvs, faces, 64, budget=16)
+    assert (big_owner >= 0).all() and (small_owner >= 0).all()  # the grid covers every texel
+    same = big_owner == small_owner
+    assert torch.allclose(big_weights[same], small_weights[same], atol=1e-6)
+    on_an_edge = (big_weights.amin(-1) < 1e-6) & (small_weights.amin(-1) < 1e-6)
+    assert (same | on_an_edge).all()  # only a texel centre on a shared edge may go to either triangle
+    rows, cols = torch.meshgrid(torch.arange(64), torch.arange(64), indexing="ij")
+    for owner, weights in ((big_owner, big_weights), (small_owner, small_weights)):
+        corners = torch.from_numpy(uvs)[torch.from_numpy(faces)][owner]  # (64, 64, 3, 2)
+        points = (weights[..., None] * corners).sum(-2) * 64  # each texel's point, back from its weights
+        assert torch.allclose(points, torch.stack([cols, rows], -1).float() + 0.5, atol=1e-4)
+
+
+def test_stl_is_z_up_in_millimetres_and_obj_companions_have_no_spaces(tmp_path):
+    import trimesh
+
+    from recon3d.export import TexturedMesh, write_obj, write_stl
+    from recon3d.mesh import Mesh
+
+    tall = trimesh.creation.box(extents=(0.2, 0.4, 0.8))  # world frame: 0.8 along z (up)
+    mesh = Mesh(tall.vertices.astype(np.float32), tall.faces.astype(np.int64), np.full((8, 3), 0.5, np.float32))
+    stl = trimesh.load(write_stl(mesh, tmp_path / "tall.stl"), process=False)
+    assert np.allclose(stl.extents, [10, 20, 40], atol=1e-3)  # z up, front -y, 50 mm per unit
+    textured = TexturedMesh(mesh.vertices, mesh.vertex_normals(), mesh.faces, np.zeros((8, 2), np.float32),
+                            np.full((4, 4, 3), 128, np.uint8), 1.0)
+    obj = write_obj(textured, tmp_path / "my duck.obj")
+    assert "mtllib my_duck.mtl" in obj.read_text() and "map_Kd my_duck.png" in (tmp_path / "my_duck.mtl").read_text()
+    assert trimesh.load(obj, process=False).visual.kind == "texture"
