@@ -829,12 +829,12 @@ def test_real_browser_exports_from_the_panel_and_its_cancel_says_so(app_url):
         page.locator("#mesh-resolution input").fill("64")
         page.locator("#generate").click()
         page.wait_for_function("document.querySelector('#timings').innerText.includes('total')", timeout=120000)
-        page.locator("#image-export").get_by_text("Export: face budget").click()  # open the accordion
-        page.locator("#image-export-faces input").fill("800")
-        page.locator("#image-export-formats").get_by_label("stl").check()
-        page.locator("#image-export-go").click()
-        page.wait_for_function("document.querySelector('#image-export-message').innerText.includes('2 files')",
+        page.locator("#export-image").get_by_text("Export: face budget").click()  # open the accordion
+        page.locator("#export-image-faces input").fill("800")
+        page.locator("#export-image-formats").get_by_label("stl").check()
+        page.locator("#export-image-go").click()
+        page.wait_for_function("document.querySelector('#export-image-message').innerText.includes('2 files')",
                                timeout=120000)
-        names = page.locator("#image-export-files").inner_text()
+        names = page.locator("#export-image-files").inner_text()
         screenshot(page, "image-export")
     assert ".glb" in names and ".stl" in names

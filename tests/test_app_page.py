@@ -476,3 +476,11 @@ def test_the_export_panel_makes_the_result_again_as_other_files_without_the_mode
     sessions.end("anonymous")  # the visitor left: what was kept for them is gone with their files
     with pytest.raises(gr.Error, match="Nothing to export yet"):
         run(export, None, 0, ["glb"])
+
+
+def test_every_element_id_on_the_page_is_unique():
+    """Browser tests and visitors' scripts find widgets by id: two widgets with one id would make both ambiguous."""
+    from collections import Counter
+
+    ids = Counter(c["props"].get("elem_id") for c in page().config["components"] if c["props"].get("elem_id"))
+    assert [elem for elem, count in ids.items() if count > 1] == []

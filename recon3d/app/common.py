@@ -1,5 +1,6 @@
-"""What every tab shares: the upload widget, who the visitor is, the GPU queue, a job run in a worker thread with
-its failures turned into one line, form numbers checked by the library's limits, and the 3D viewer."""
+"""What every tab shares: the upload widget (checked as it arrives, its refusal under it), who the visitor is, the
+concurrency groups, page-only events, a job run in a worker thread with its failures turned into one line, form
+numbers checked by the library's limits, an endpoint's named result, and the 3D viewer."""
 
 from __future__ import annotations
 

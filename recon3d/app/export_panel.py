@@ -40,19 +40,19 @@ def make_handler(service: ModelService, sessions: Sessions, tab: str):
 
 def build(service: ModelService, sessions: Sessions, tab: str) -> None:
     """The panel (inside a tab, under its results); its endpoint is ``/export_<tab>``."""
-    with gr.Accordion("Export: face budget, texture, OBJ / PLY / STL", open=False, elem_id=f"{tab}-export"):
+    with gr.Accordion("Export: face budget, texture, OBJ / PLY / STL", open=False, elem_id=f"export-{tab}"):
         with gr.Row():
             faces = gr.Number(None, precision=0, label=f"Face budget ({FACES.text}; empty: as meshed)",
-                              elem_id=f"{tab}-export-faces")
-            texture = gr.Dropdown(TEXTURE_CHOICES, value=0, allow_custom_value=True, elem_id=f"{tab}-export-texture",
+                              elem_id=f"export-{tab}-faces")
+            texture = gr.Dropdown(TEXTURE_CHOICES, value=0, allow_custom_value=True, elem_id=f"export-{tab}-texture",
                                   label=f"Baked texture (texels a side, {TEXTURE.text})")
             formats = gr.CheckboxGroup(list(FORMATS), value=["glb"], label="Formats (OBJ: a ZIP with its MTL and PNG)",
-                                       elem_id=f"{tab}-export-formats")
+                                       elem_id=f"export-{tab}-formats")
         with gr.Row():
-            go = gr.Button("Export", elem_id=f"{tab}-export-go")
-            stop = gr.Button("Cancel export", variant="stop", elem_id=f"{tab}-export-cancel")
-        message = gr.Markdown(label="Message", elem_id=f"{tab}-export-message")
-        files = gr.File(label="Exported files", file_count="multiple", elem_id=f"{tab}-export-files")
+            go = gr.Button("Export", elem_id=f"export-{tab}-go")
+            stop = gr.Button("Cancel export", variant="stop", elem_id=f"export-{tab}-cancel")
+        message = gr.Markdown(label="Message", elem_id=f"export-{tab}-message")
+        files = gr.File(label="Exported files", file_count="multiple", elem_id=f"export-{tab}-files")
     job = go.click(make_handler(service, sessions, tab), inputs=[faces, texture, formats], outputs=[files, message],
                    api_name=f"export_{tab}", concurrency_id=GPU_QUEUE, concurrency_limit=None)  # the short jobs' line
     ui_only(stop.click, lambda: CANCELLED, outputs=[message], cancels=[job])
