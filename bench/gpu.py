@@ -13,7 +13,9 @@ Random weights in the published configurations (speed and numerics do not depend
   the interval between previews, and the non-finite steps seen;
 - Zero123++ v1.2 -> InstantMesh at the published sizes: 4 seeds, seconds per diffusion step, decode,
   reconstruction, loop step and mesh, the projected 75-step job against its target (bench/multiview.py); with the
-  real weights in the Hub cache (GPU), the reconstruction loop's effect on 3D consistency.
+  real weights in the Hub cache (GPU), the reconstruction loop's effect on 3D consistency;
+- the exporter (bench/export.py): a 256^3 mesh decimated to 50k faces with a 1024^2 texture baked on the device,
+  seconds per stage.
 It prints one table with each target's verdict and writes bench/results/gpu-<device>.json (``--json`` elsewhere).
 The renderer, DMV3D speed and SDS phases run in child processes (bench/render.py, dmv3d.py, sds.py workers), so
 each peak memory is its own.
@@ -31,6 +33,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import dmv3d as dmv3d_bench  # noqa: E402  (bench/dmv3d.py)
+import export as export_bench  # noqa: E402  (bench/export.py)
 import lrm as lrm_bench  # noqa: E402  (bench/lrm.py: reports, memory meter, LRM runs)
 import multiview as multiview_bench  # noqa: E402  (bench/multiview.py)
 import render as render_bench  # noqa: E402
@@ -64,6 +67,8 @@ def plan(device: str, quick: bool) -> dict:
                   "target_steps": 30, "dtype": "bfloat16", "resolution": 64 if quick else 256},  # the app's GPU mesh
         "sds": {"tiny": quick, "steps": 1 if quick else 5,
                 "dtypes": ["bfloat16"] if quick or not cuda else ["float16", "bfloat16"]},
+        "export": {"resolution": 96 if quick else 256, "faces": 5000 if quick else 50_000,
+                   "texture": 256 if quick else 1024},
         "multiview": {"quick": quick, "seeds": "4", "steps": 1 if quick else 3, "dtype": "bfloat16" if cuda else "float32",
                       "mesh_resolution": 64 if quick else 256, "real": cuda},
     }
@@ -174,6 +179,9 @@ def run(device: str, quick: bool, threads: int | None) -> dict:
     report["zero123plus_instantmesh"] = guarded(
         multiview_bench.run_in_process, device, spec["dtype"], spec["quick"], spec["seeds"], spec["steps"],
         spec["mesh_resolution"], spec["real"])
+    print("Export: face budget, unwrap, bake, files", flush=True)
+    spec = steps["export"]
+    report["export"] = guarded(export_bench.run, spec["resolution"], spec["faces"], spec["texture"], torch_device)
     report["seconds"] = time.perf_counter() - started
     report["verdicts"] = verdicts(report)
     return report
@@ -285,6 +293,12 @@ def verdicts(report: dict) -> list[dict]:
                 means = {k: sum(v[key]) / len(v[key]) for k, v in effect.items()}
                 row(f"Zero123++ -> InstantMesh {what}, PSNR dB (without / with loop)",
                     f"{means['without']:.2f} / {means['with']:.2f}", FIGURE, None)
+    export = report.get("export", {})
+    if export.get("status") == "failed":
+        row("Export", export["error"], "", None, failed=True)
+    elif export:
+        row(f"Export {export['faces']:,} faces + {export['texture']}^2 texture, seconds (bake on the device)",
+            export["export_total_s"], FIGURE, None)
     return rows
 
 

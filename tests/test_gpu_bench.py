@@ -30,9 +30,12 @@ def test_the_gpu_acceptance_command_runs_every_path_on_a_cpu(tmp_path):
     multiview = report["zero123plus_instantmesh"]["records"][0]
     assert multiview["seeds"] == 4 and multiview["step_s"] > 0 and multiview["reconstruct_s"] > 0
     assert multiview["loop_step_s"] > 0 and multiview["mesh_s"] > 0 and multiview["job_projection_s"] > 0
+    export = report["export"]
+    assert export["faces"] <= 5000 and export["texture"] == 256 and export["seconds"]["bake"] > 0
     checks = [row["check"] for row in report["verdicts"]]
     assert any(c.startswith("SDS bfloat16 fast preset") for c in checks)
     assert "Zero123++ -> InstantMesh 4 seeds x 75 steps + meshes, projected seconds" in checks
+    assert "Export 5,000 faces + 256^2 texture, seconds (bake on the device)" in checks
     assert {row["verdict"] for row in report["verdicts"]} == {"not judged (quick or CPU run)", "figure only"}
     assert "verdict" in done.stdout and "SDS bfloat16 non-finite steps seen" in done.stdout
 
