@@ -260,15 +260,12 @@ def dilate(colors: torch.Tensor, mask: torch.Tensor, texels: int = DILATION_TEXE
 def texture_mesh(mesh: Mesh, field: Field, size: int, samples: int = 1, cancel: CancelToken = NEVER,
                  timings: dict | None = None) -> TexturedMesh:
     """Unwrap ``mesh`` and bake the field's colours into a SIZE^2 texture (stage seconds into ``timings``)."""
-    timings = {} if timings is None else timings
-    start = time.perf_counter()
-    source, faces, uvs = unwrap(mesh, size)
-    timings["unwrap"] = time.perf_counter() - start
-    start = time.perf_counter()
-    vertices = mesh.vertices[source].astype(np.float32)
-    texture, coverage = bake_texture(field, vertices, faces, uvs, size, samples, cancel)
-    timings["bake"] = time.perf_counter() - start
-    return TexturedMesh(vertices, mesh.vertex_normals()[source].astype(np.float32), faces, uvs, texture, coverage)
+    options = ExportOptions(texture=size, samples=samples)
+    plan = plan_export(mesh, options, cancel)
+    textured = colour_export(plan, field, options, cancel)[1]
+    if timings is not None:
+        timings.update(plan.timings)
+    return textured
 
 
 # -- formats -------------------------------------------------------------------------------------------------------
@@ -338,18 +335,56 @@ def write_stl(mesh: Mesh | TexturedMesh, path: Path) -> Path:
     return path
 
 
-@torch.no_grad()
-def export_mesh(field: Field, mesh: Mesh, options: ExportOptions, stem: str | Path, extras: dict | None = None,
-                cancel: CancelToken = NEVER) -> Exported:
-    """Write ``mesh`` (made from ``field``) as ``stem.<format>`` for each of ``options.formats``, decimated to the
-    face budget and textured when asked; the GLB records ``extras`` and the export settings."""
+@dataclass
+class ExportPlan:
+    """The CPU half of an export, done before the device is needed: the decimated geometry (its colours not yet
+    asked of the field) and, for a texture, its UV charts."""
+
+    mesh: Mesh
+    recolour: bool  # the mesh was decimated: its new vertices' colours come from the field
+    charts: tuple[np.ndarray, np.ndarray, np.ndarray] | None  # unwrap(): source vertices, faces, uvs
+    timings: dict[str, float] = dataclass_field(default_factory=dict)
+
+
+def plan_export(mesh: Mesh, options: ExportOptions, cancel: CancelToken = NEVER) -> ExportPlan:
+    """Decimate to the face budget and unwrap for the texture: CPU work that needs no field."""
     options.validate()
-    stem, timings = Path(stem), {}
+    timings, start = {}, time.perf_counter()
+    small = decimate(mesh, options.faces, cancel=cancel) if options.faces is not None else mesh
+    timings["decimate"] = time.perf_counter() - start
+    charts = None
+    if options.texture:
+        cancel.check()
+        start = time.perf_counter()
+        charts = unwrap(small, options.texture)
+        timings["unwrap"] = time.perf_counter() - start
+    return ExportPlan(small, small is not mesh, charts, timings)
+
+
+@torch.no_grad()
+def colour_export(plan: ExportPlan, field: Field, options: ExportOptions,
+                  cancel: CancelToken = NEVER) -> tuple[Mesh, TexturedMesh | None]:
+    """The device half: the field's colours at the decimated vertices and in the texture's texels."""
+    mesh, start = plan.mesh, time.perf_counter()
+    if plan.recolour:
+        mesh = Mesh(mesh.vertices, mesh.faces, vertex_colors(field, mesh.vertices, cancel=cancel))
+    plan.timings["colours"] = time.perf_counter() - start
+    if plan.charts is None:
+        return mesh, None
     start = time.perf_counter()
-    if options.faces is not None:
-        mesh = decimate(mesh, options.faces, field, cancel)
-        timings["decimate"] = time.perf_counter() - start
-    textured = texture_mesh(mesh, field, options.texture, options.samples, cancel, timings) if options.texture else None
+    source, faces, uvs = plan.charts
+    vertices = mesh.vertices[source].astype(np.float32)
+    texture, coverage = bake_texture(field, vertices, faces, uvs, options.texture, options.samples, cancel)
+    plan.timings["bake"] = time.perf_counter() - start
+    return mesh, TexturedMesh(vertices, mesh.vertex_normals()[source].astype(np.float32), faces, uvs, texture,
+                              coverage)
+
+
+def write_export(mesh: Mesh, textured: TexturedMesh | None, options: ExportOptions, stem: str | Path,
+                 extras: dict | None = None, timings: dict | None = None, cancel: CancelToken = NEVER) -> Exported:
+    """Write ``stem.<format>`` for each of ``options.formats``; the GLB records ``extras`` and the export's
+    settings."""
+    stem, timings = Path(stem), dict(timings or {})
     if options.faces is not None or options.texture:  # how the export changed the mesh, in the GLB
         extras = {**(extras or {}), "export": {"faces": len(mesh.faces), "texture": options.texture,
                                               "samples_per_texel": options.samples ** 2 if options.texture else None}}
@@ -357,12 +392,10 @@ def export_mesh(field: Field, mesh: Mesh, options: ExportOptions, stem: str | Pa
     for name in options.formats:
         cancel.check()
         start, path = time.perf_counter(), stem.with_name(f"{stem.name}.{name}")
-        if name == "glb":
-            data = textured_glb(textured, extras) if textured is not None else None
-            if data is None:
-                mesh.save_glb(path, extras)
-            else:
-                path.write_bytes(data)
+        if name == "glb" and textured is not None:
+            path.write_bytes(textured_glb(textured, extras))
+        elif name == "glb":
+            mesh.save_glb(path, extras)
         elif name == "obj":
             write_obj(textured if textured is not None else mesh, path)
         elif name == "ply":
@@ -374,6 +407,16 @@ def export_mesh(field: Field, mesh: Mesh, options: ExportOptions, stem: str | Pa
     return Exported(paths, timings, len(mesh.faces), options.texture)
 
 
-__all__ = ["ExportOptions", "Exported", "FORMATS", "TexturedMesh", "bake_texture", "decimate", "dilate",
-           "export_mesh", "rasterise_uv", "texture_mesh", "textured_glb", "unwrap", "write_obj", "write_ply",
-           "write_stl"]
+def export_mesh(field: Field, mesh: Mesh, options: ExportOptions, stem: str | Path, extras: dict | None = None,
+                cancel: CancelToken = NEVER) -> Exported:
+    """Write ``mesh`` (made from ``field``) as ``stem.<format>`` for each of ``options.formats``, decimated to the
+    face budget and textured when asked: :func:`plan_export`, :func:`colour_export`, :func:`write_export` in a
+    row (a server runs the middle one alone on its device)."""
+    plan = plan_export(mesh, options, cancel)
+    mesh, textured = colour_export(plan, field, options, cancel)
+    return write_export(mesh, textured, options, stem, extras, plan.timings, cancel)
+
+
+__all__ = ["ExportOptions", "ExportPlan", "Exported", "FORMATS", "TexturedMesh", "bake_texture", "colour_export",
+           "decimate", "dilate", "export_mesh", "plan_export", "rasterise_uv", "texture_mesh", "textured_glb",
+           "unwrap", "write_export", "write_obj", "write_ply", "write_stl"]

@@ -36,7 +36,7 @@ from .pipelines.sds import SDSControl
 from .pipelines.text_to_3d import QuickLookOptions, TextTo3D, TextTo3DOptions, TextTo3DResult
 from .sessions import safe_stem
 from .sharing import DeviceLease, Ticket
-from .export import ExportOptions, companions, export_mesh
+from .export import ExportOptions, colour_export, companions, plan_export, write_export
 from .field import Field
 from .mesh import Mesh
 
@@ -366,26 +366,32 @@ class ExportSource:
 def export_job(service: ModelService, sessions, session: str, tab: str, options: ExportOptions,
                cancel) -> Iterator[Event]:
     """Export the results the visitor has in ``tab`` again (a face budget, a texture, other formats) without
-    re-running the model: :class:`Finished` with the files, an OBJ with its MTL and PNG as one ZIP. A short job."""
+    re-running the model: :class:`Finished` with the files, an OBJ with its MTL and PNG as one ZIP. Only the field
+    queries wait in the short jobs' line and hold the device; decimation, unwrapping and writing run beside it."""
     sources: list[ExportSource] | None = sessions.kept(session, tab)
     if not sources:
         raise ValueError("nothing to export yet: make a model in this tab first (results are kept while you stay)")
-    work = export_work(service, sessions, session, sources, options, cancel)
-    yield from in_line(service, "Export", session, work, cancel, work=len(sources))
-
-
-def export_work(service: ModelService, sessions, session: str, sources: list[ExportSource], options: ExportOptions,
-                cancel) -> Iterator[Event]:
+    options.validate()
     files = []
     for index, source in enumerate(sources):
-        yield Stage(name="export", fraction=index / len(sources), message=f"Exporting {source.name}")
+        yield Stage(name="prepare", fraction=index / len(sources),
+                    message=f"{source.name}: face budget and UV charts (on the CPU)")
+        plan = plan_export(source.mesh, options, cancel)
+        coloured = {}
+        yield from in_line(service, "Export", session, export_colours(service, source, plan, options, coloured, cancel),
+                           cancel, work=len(plan.mesh.faces) / 50_000 + (options.texture or 0) ** 2 / 1024 ** 2)
         folder = sessions.output_path(session, source.name, "")  # a private folder: OBJ's files stay together
         folder.mkdir(parents=True)
-        exported = export_mesh(source.field_on(service), source.mesh, options, folder / source.name, source.extras,
-                               cancel)
-        for name, path in exported.paths.items():
-            files.append(zip_obj(path) if name == "obj" else path)
+        exported = write_export(*coloured["mesh"], options, folder / source.name, source.extras, plan.timings, cancel)
+        files += [zip_obj(path) if name == "obj" else path for name, path in exported.paths.items()]
     yield Finished(fraction=1.0, message=f"{len(files)} files", result=files)
+
+
+def export_colours(service: ModelService, source: ExportSource, plan, options: ExportOptions, out: dict,
+                   cancel) -> Iterator[Event]:
+    """The device's part of an export (the field's colours at vertices and texels), its result into ``out``."""
+    yield Stage(name="colour", fraction=0.5, message=f"{source.name}: asking the field for colours")
+    out["mesh"] = colour_export(plan, source.field_on(service), options, cancel)
 
 
 def zip_obj(obj: Path) -> Path:

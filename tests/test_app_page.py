@@ -484,3 +484,41 @@ def test_every_element_id_on_the_page_is_unique():
 
     ids = Counter(c["props"].get("elem_id") for c in page().config["components"] if c["props"].get("elem_id"))
     assert [elem for elem, count in ids.items() if count > 1] == []
+
+
+def test_an_export_prepares_on_the_cpu_while_another_job_holds_the_device(tmp_path):
+    """Decimation and UV charts need no device: they are done before the export takes its place in line, so a
+    busy device delays only the field's colours."""
+    import asyncio
+    import threading
+
+    from recon3d.app import image_tab
+    from recon3d.export import ExportOptions
+    from recon3d.pipelines.events import Queued, Stage
+    from recon3d.service import export_job
+
+    service, sessions = ModelService(ServiceSettings(random_weights=True)), Sessions(tmp_path / "outputs")
+    asyncio.run(image_tab.make_handler(service, sessions)(str(ROOT / "examples" / "duck.png"),
+                                                          "random-tiny (random weights)", False, 0.8, 64, True,
+                                                          progress=lambda *a, **k: None))
+    held, release = threading.Event(), threading.Event()
+
+    def busy():
+        with service.lease.short():
+            held.set()
+            release.wait(30)
+
+    threading.Thread(target=busy).start()
+    assert held.wait(10)
+    from recon3d.cancel import NEVER
+
+    events = export_job(service, sessions, "anonymous", "image", ExportOptions(faces=500, texture=64), NEVER)
+    seen = []
+    for event in events:
+        seen.append(event)
+        if isinstance(event, Queued):
+            break
+    release.set()
+    rest = list(events)
+    assert isinstance(seen[0], Stage) and seen[0].name == "prepare" and isinstance(seen[-1], Queued)
+    assert rest[-1].result and all(Path(path).is_file() for path in rest[-1].result)
