@@ -54,34 +54,24 @@ class DecodedBall(Field):
 
 
 def run(resolution: int, faces: int, texture: int, device: torch.device) -> dict:
-    """Every stage of one export, timed (the device synchronised around each)."""
-    from recon3d.export import ExportOptions, decimate, texture_mesh, textured_glb, write_obj, write_ply, write_stl
+    """One export of every format through the library's three stages, each timed (the device synchronised)."""
+    from recon3d.export import FORMATS, ExportOptions, colour_export, plan_export, write_export
     from recon3d.mesh import MeshSettings, extract_mesh
     from recon3d.pipelines.progress import synchronize
 
-    field, seconds = DecodedBall(device), {}
-
-    def timed(stage, make):
-        synchronize(device)
-        start = time.perf_counter()
-        value = make()
-        synchronize(device)
-        seconds[stage] = round(time.perf_counter() - start, 3)
-        return value
-
-    mesh, _ = timed("mesh", lambda: extract_mesh(field, MeshSettings(resolution=resolution)))
-    full = len(mesh.faces)
-    small = timed("decimate", lambda: decimate(mesh, faces, field))
-    stages = {}
-    textured = texture_mesh(small, field, texture, ExportOptions.samples, timings=stages)
-    seconds |= {stage: round(value, 3) for stage, value in stages.items()}
+    field, options = DecodedBall(device), ExportOptions(formats=FORMATS, faces=faces, texture=texture)
+    synchronize(device)
+    start = time.perf_counter()
+    mesh, _ = extract_mesh(field, MeshSettings(resolution=resolution))
+    synchronize(device)
+    meshed = time.perf_counter() - start
+    plan = plan_export(mesh, options)
+    coloured, textured = colour_export(plan, field, options)
+    synchronize(device)
     with tempfile.TemporaryDirectory() as folder:
-        stem = Path(folder) / "ball"
-        timed("write_glb", lambda: stem.with_suffix(".glb").write_bytes(textured_glb(textured)))
-        timed("write_obj", lambda: write_obj(textured, stem.with_suffix(".obj")))
-        timed("write_ply", lambda: write_ply(small, stem.with_suffix(".ply")))
-        timed("write_stl", lambda: write_stl(small, stem.with_suffix(".stl")))
-    return {"resolution": resolution, "faces_meshed": full, "faces": len(small.faces), "texture": texture,
+        exported = write_export(coloured, textured, options, Path(folder) / "ball", timings=plan.timings)
+    seconds = {"mesh": round(meshed, 3), **{stage: round(value, 3) for stage, value in exported.timings.items()}}
+    return {"resolution": resolution, "faces_meshed": len(mesh.faces), "faces": exported.faces, "texture": texture,
             "texel_coverage": round(textured.coverage, 3), "seconds": seconds,
             "export_total_s": round(sum(value for stage, value in seconds.items() if stage != "mesh"), 3)}
 

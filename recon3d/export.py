@@ -34,7 +34,7 @@ from PIL import Image
 
 from .cameras import world_to_gltf
 from .cancel import NEVER, CancelToken
-from .field import Field, as_field
+from .field import Field
 from .mesh import GlbBuilder, Mesh, vertex_colors
 from .options import Limit, Options, limited
 
@@ -99,12 +99,12 @@ class Exported:
 
 # -- faces ---------------------------------------------------------------------------------------------------------
 
-@torch.no_grad()
-def decimate(mesh: Mesh, max_faces: int, field: Field | None = None, cancel: CancelToken = NEVER) -> Mesh:
-    """``mesh`` with at most ``max_faces`` triangles (quadric edge collapse, shape kept); the colours of the new
-    vertices come from ``field`` (or from the nearest old vertex without one). A mesh already small enough is
+def decimate(mesh: Mesh, max_faces: int, cancel: CancelToken = NEVER) -> Mesh:
+    """``mesh`` with at most ``max_faces`` triangles (quadric edge collapse, shape kept); each new vertex takes the
+    colour of the nearest old one until :func:`colour_export` asks the field. A mesh already small enough is
     returned as it is."""
     import fast_simplification
+    from scipy.spatial import cKDTree
 
     if len(mesh.faces) <= max_faces:
         return mesh
@@ -112,15 +112,9 @@ def decimate(mesh: Mesh, max_faces: int, field: Field | None = None, cancel: Can
     while len(faces) > max_faces:  # the count is the library's target: aim lower until the budget is met
         vertices, faces = fast_simplification.simplify(vertices, faces, target_count=target)
         vertices, faces, target = vertices.astype(np.float32), faces.astype(np.int32), int(target * 0.98)
-    faces = faces.astype(np.int64)
-    cancel.check()
-    if field is not None:
-        colors = vertex_colors(field, vertices, cancel=cancel)
-    else:
-        from scipy.spatial import cKDTree
-
-        colors = mesh.colors[cKDTree(mesh.vertices).query(vertices)[1]]
-    return Mesh(vertices, faces, colors.astype(np.float32))
+        cancel.check()
+    colors = mesh.colors[cKDTree(mesh.vertices).query(vertices)[1]]
+    return Mesh(vertices, faces.astype(np.int64), colors.astype(np.float32))
 
 
 # -- texture -------------------------------------------------------------------------------------------------------
@@ -209,7 +203,6 @@ def bake_texture(field: Field, vertices: np.ndarray, faces: np.ndarray, uvs: np.
     """The field's colours on the mesh's surface as a SIZE^2 sRGB texture (uint8) and the covered fraction:
     each texel is the mean of ``samples`` x ``samples`` points spread over it, then colours spread into the empty
     texels beyond the charts."""
-    field = as_field(field)
     total = torch.zeros(size * size, 3)
     hits = torch.zeros(size * size)
     corners = torch.from_numpy(vertices).float()[torch.from_numpy(faces)]  # (F, 3, 3)
@@ -220,22 +213,13 @@ def bake_texture(field: Field, vertices: np.ndarray, faces: np.ndarray, uvs: np.
             owner, bary = owner.view(-1), bary.view(-1, 3)
             covered = (owner >= 0).nonzero().squeeze(1)
             points = (bary[covered, :, None] * corners[owner[covered]]).sum(1)  # (N, 3) on the triangles
-            total[covered] += _field_colors(field, points, cancel)
+            total[covered] += torch.from_numpy(vertex_colors(field, points.numpy(), QUERY_CHUNK, cancel))
             hits[covered] += 1
     colors = (total / hits.clamp(min=1)[:, None]).view(size, size, 3)
     mask = (hits > 0).view(size, size)
     coverage = float(mask.float().mean())
     colors = dilate(colors, mask)
     return (colors.clamp(0, 1) * 255 + 0.5).to(torch.uint8).numpy(), coverage
-
-
-def _field_colors(field: Field, points: torch.Tensor, cancel: CancelToken) -> torch.Tensor:
-    out = []
-    for start in range(0, len(points), QUERY_CHUNK):
-        cancel.check()
-        chunk = points[start:start + QUERY_CHUNK].to(field.device)
-        out.append(field.query(chunk[None])[1][0].float().cpu())
-    return torch.cat(out) if out else torch.zeros(0, 3)
 
 
 def dilate(colors: torch.Tensor, mask: torch.Tensor, texels: int = DILATION_TEXELS) -> torch.Tensor:
@@ -255,17 +239,6 @@ def dilate(colors: torch.Tensor, mask: torch.Tensor, texels: int = DILATION_TEXE
         mean = (image * filled).sum((2, 3), keepdim=True) / filled.sum().clamp(min=1)
         image = torch.where(filled > 0, image, mean)
     return image[0].permute(1, 2, 0)
-
-
-def texture_mesh(mesh: Mesh, field: Field, size: int, samples: int = 1, cancel: CancelToken = NEVER,
-                 timings: dict | None = None) -> TexturedMesh:
-    """Unwrap ``mesh`` and bake the field's colours into a SIZE^2 texture (stage seconds into ``timings``)."""
-    options = ExportOptions(texture=size, samples=samples)
-    plan = plan_export(mesh, options, cancel)
-    textured = colour_export(plan, field, options, cancel)[1]
-    if timings is not None:
-        timings.update(plan.timings)
-    return textured
 
 
 # -- formats -------------------------------------------------------------------------------------------------------
@@ -418,5 +391,5 @@ def export_mesh(field: Field, mesh: Mesh, options: ExportOptions, stem: str | Pa
 
 
 __all__ = ["ExportOptions", "ExportPlan", "Exported", "FORMATS", "TexturedMesh", "bake_texture", "colour_export",
-           "decimate", "dilate", "export_mesh", "plan_export", "rasterise_uv", "texture_mesh", "textured_glb",
+           "decimate", "dilate", "export_mesh", "plan_export", "rasterise_uv", "textured_glb",
            "unwrap", "write_export", "write_obj", "write_ply", "write_stl"]

@@ -87,8 +87,11 @@ def test_the_operators_limits_are_app_options_that_reach_the_queues_and_the_form
 def test_the_page_reads_its_limits_from_the_service_settings():
     from recon3d.app.text_tab import steps_field
 
-    limited = ModelService(ServiceSettings(random_weights=True, max_text_steps=20000))
-    assert "over this server" not in steps_field("quality", limited)["info"]  # 10,000 fits under 20,000
+    roomy = ModelService(ServiceSettings(random_weights=True, max_text_steps=20000))
+    tight = ModelService(ServiceSettings(random_weights=True, max_text_steps=5000))
+    assert "over this server" not in steps_field("quality", roomy)["info"]  # 10,000 fits under 20,000
+    assert "(over this server's limit of 5,000: choose custom)" in steps_field("quality", tight)["info"]
+    assert "over this server" not in steps_field("fast", tight)["info"]  # 2,000 fits
 
 
 class Clock:
@@ -169,7 +172,7 @@ def test_out_of_memory_and_a_missing_image_become_clear_ui_errors(tmp_path):
         call(None)
 
 
-def test_one_bounded_gpu_queue_a_cancel_button_and_one_progress_display():
+def test_short_jobs_enter_their_line_at_once_with_a_cancel_button_and_one_progress_display():
     demo = page()
     fns = {fn.name: fn for fn in demo.fns.values()}
     # jobs enter at once and wait in the library's line (in order, with their place); Gradio queues nothing

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import glb_summary
 
-from recon3d.export import ExportOptions, decimate, export_mesh, rasterise_uv
+from recon3d.export import ExportOptions, colour_export, decimate, export_mesh, plan_export, rasterise_uv
 from recon3d.field import Field
 from recon3d.mesh import MeshSettings, extract_mesh, srgb_to_linear
 
@@ -99,14 +99,15 @@ def test_the_baked_texture_holds_the_fields_colours_in_linear_space(ball_mesh, t
 
 def test_the_face_budget_is_met_and_the_surface_stays_close(ball_mesh):
     field = ColouredBall()
-    small = decimate(ball_mesh, 2000, field)
+    options = ExportOptions(faces=2000)
+    small, _ = colour_export(plan_export(ball_mesh, options), field, options)
     assert len(ball_mesh.faces) > 10000 and 1900 <= len(small.faces) <= 2000
     full_error = np.abs(np.linalg.norm(ball_mesh.vertices, axis=1) - RADIUS).max()
     error = np.abs(np.linalg.norm(small.vertices, axis=1) - RADIUS).max()
     assert error < 0.01 and full_error < 0.01  # the decimated surface within 1 % of the box of the sphere
     wanted = field.query(torch.from_numpy(small.vertices))[1].numpy()
     assert np.abs(small.colors - wanted).max() < 1e-5  # the new vertices' colours come from the field
-    assert decimate(small, 5000, field) is small  # under the budget: as it is
+    assert decimate(small, 5000) is small  # under the budget: as it is
 
 
 def test_obj_mtl_png_ply_and_stl_load_back_in_trimesh(ball_mesh, tmp_path):

@@ -307,13 +307,13 @@ class SDSControl:
     """Requests from outside a running optimisation, checked between steps: ``stop`` ends it and keeps what it
     has; ``export`` asks for a mesh of the current state (then clears itself); ``lease`` is the device it shares
     (each step waits while short jobs wait for it: a :class:`~recon3d.sharing.DeviceLease`, or a long run's
-    :class:`~recon3d.sharing.Ticket` in its line; by default a lease of
-    its own, never contended)."""
+    :class:`~recon3d.sharing.Ticket` in its line; by default a lease of its own, never contended); ``started`` is
+    set by the line once the run's turn has come."""
 
     stop: threading.Event = field(default_factory=threading.Event)
     export: threading.Event = field(default_factory=threading.Event)
     lease: DeviceLease | Ticket = field(default_factory=DeviceLease)
-    started: threading.Event = field(default_factory=threading.Event)  # set by a queue once the run's turn came
+    started: threading.Event = field(default_factory=threading.Event)
 
 
 def preview_due(options: SDSOptions, step: int, since_last: float) -> bool:
